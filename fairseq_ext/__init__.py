@@ -1,0 +1,15 @@
+"""fairseq_ext: a fairseq plugin for training and decoding beyond teacher-forced maximum likelihood.
+
+Load it with ``--user-dir /path/to/fairseq_ext`` or, once installed, ``--user-dir fairseq_ext``
+resolved to the package directory (see README).  Importing it registers every component below
+and installs the checkpoint allowlist that torch >= 2.6 needs to load fairseq checkpoints safely.
+"""
+__version__ = "0.1.0"
+
+from fairseq_ext.checkpoint_safety import install_checkpoint_allowlist
+
+install_checkpoint_allowlist()
+
+# Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
+from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
+from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401

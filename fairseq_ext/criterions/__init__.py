@@ -1,0 +1,1 @@
+"""Criterions; each file registers one (imported explicitly by fairseq_ext/__init__.py)."""

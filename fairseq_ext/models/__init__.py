@@ -1,0 +1,1 @@
+"""Model architectures (fairseq imports this folder of a user dir automatically)."""

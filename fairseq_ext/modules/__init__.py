@@ -1,0 +1,1 @@
+"""Mechanisms shared by several components: schedules, model driving, scheduled-sampling math."""

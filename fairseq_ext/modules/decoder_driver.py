@@ -1,0 +1,197 @@
+"""Driving a fairseq autoregressive model on decoder inputs chosen by a training method.
+
+Scheduled-sampling style methods run the decoder on inputs other than the gold prefix.  This module
+hides what differs between the model families they support:
+
+* encoder-decoder models (``FairseqEncoderDecoderModel``: transformer, lstm, fconv, ...): decoder
+  inputs are ``net_input["prev_output_tokens"]`` and the encoder output can be computed once and
+  reused by every pass;
+* decoder-only language models (``FairseqLanguageModel``: transformer_lm, lstm_lm, ...): decoder
+  inputs are ``net_input["src_tokens"]`` and there is no encoder.
+
+In both, the decoder output at position ``i`` predicts the token fed at position ``i + 1`` (the
+teacher-forcing shift); :func:`check_teacher_forcing_shift` verifies it on each batch.
+
+Distributed wrappers: fairseq's ``legacy_ddp`` all-reduces gradients explicitly, so submodules may be
+called directly (encoder reuse).  Under torch's DDP (``--ddp-backend pytorch_ddp``/``c10d``) or FSDP,
+gradient synchronisation (or parameter gathering) hooks into the wrapper's ``forward``; there the
+driver runs every pass through ``model(**net_input)`` instead, recomputing the encoder.
+"""
+import logging
+from typing import Any, Dict, Optional
+
+import torch
+from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
+from fairseq.modules import LinearizedConvolution
+from fairseq.models import (
+    FairseqDecoder,
+    FairseqEncoderDecoderModel,
+    FairseqIncrementalDecoder,
+    FairseqLanguageModel,
+)
+
+logger = logging.getLogger(__name__)
+
+ENCODER_DECODER = "encoder_decoder"
+LANGUAGE_MODEL = "language_model"
+
+
+class UnsupportedModelError(TypeError):
+    """The model cannot be driven by a scheduled-sampling style criterion."""
+
+
+def unwrap_model(model):
+    """Peels fairseq's ModuleProxyWrapper and any ``.module`` distributed wrappers."""
+    inner = model
+    while isinstance(inner, ModuleProxyWrapper) or (
+        hasattr(inner, "module") and isinstance(getattr(inner, "module"), torch.nn.Module)
+    ):
+        inner = inner.module
+    return inner
+
+
+def submodules_callable_directly(model) -> bool:
+    """True when calling the model's encoder/decoder directly keeps distributed training correct."""
+    outer = model.module if isinstance(model, ModuleProxyWrapper) else model
+    if outer is unwrap_model(model):
+        return True
+    return isinstance(outer, LegacyDistributedDataParallel)
+
+
+def _overrides(obj, name: str, base) -> bool:
+    return getattr(type(obj), name, None) is not getattr(base, name)
+
+
+class DecoderDriver:
+    """Runs one model's decoder on arbitrary decoder inputs; built once per model by a criterion.
+
+    Args:
+        model: the model the criterion was called with (possibly wrapped for distributed training).
+        criterion_name: used in error messages.
+    """
+
+    def __init__(self, model, criterion_name: str):
+        self.model = model
+        self.inner = unwrap_model(model)
+        self.criterion_name = criterion_name
+        self.kind = model_kind(self.inner, criterion_name)
+        self.decoder = self.inner.decoder
+        self.direct = submodules_callable_directly(model)
+        # extract_features + output_layer lets a pass project only the positions it needs
+        self.can_project_subset = _overrides(self.decoder, "extract_features", FairseqDecoder) and _overrides(
+            self.decoder, "output_layer", FairseqDecoder
+        )
+        # fairseq's LinearizedConvolution (fconv) caches a re-laid-out copy of its weight for
+        # incremental inference, which cuts the gradient to the weight: step-by-step training
+        # re-runs the causal decoder on the whole prefix instead.
+        self.incremental_has_gradient = not any(
+            isinstance(m, LinearizedConvolution) for m in self.decoder.modules()
+        )
+        if not self.direct:
+            logger.warning(
+                f"{criterion_name}: the model is wrapped by {type(model.module if isinstance(model, ModuleProxyWrapper) else model).__name__}, "
+                "whose gradient hooks run only through forward(); every pass goes through model(...) and the "
+                "encoder is recomputed per pass. --ddp-backend legacy_ddp avoids that cost."
+            )
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def decoder_inputs(self, sample) -> torch.Tensor:
+        """B x T decoder input tokens of the sample."""
+        net_input = sample["net_input"]
+        return net_input["prev_output_tokens"] if self.kind == ENCODER_DECODER else net_input["src_tokens"]
+
+    def with_decoder_inputs(self, sample, tokens) -> Dict[str, Any]:
+        """The sample's net_input with the decoder inputs replaced by ``tokens``."""
+        net_input = dict(sample["net_input"])
+        net_input["prev_output_tokens" if self.kind == ENCODER_DECODER else "src_tokens"] = tokens
+        return net_input
+
+    # -- passes ---------------------------------------------------------------------------------
+    def encode(self, sample) -> Optional[Any]:
+        """Encoder output to reuse across passes, or None (language model, or wrapped model)."""
+        if self.kind != ENCODER_DECODER or not self.direct:
+            return None
+        net_input = sample["net_input"]
+        return self.inner.encoder(net_input["src_tokens"], src_lengths=net_input["src_lengths"])
+
+    def forward(self, sample, tokens, encoder_out=None):
+        """Full decoder output (net_output tuple) for decoder inputs ``tokens``: B x T x V logits."""
+        if encoder_out is not None:
+            return self.decoder(tokens, encoder_out=encoder_out)
+        return self.model(**self.with_decoder_inputs(sample, tokens))
+
+    def selected_log_probs(self, sample, tokens, select, encoder_out=None) -> torch.Tensor:
+        """Log-probabilities at the positions ``select`` (B x T bool) only: N x V.
+
+        When the decoder separates features from its output layer, only the selected positions
+        are projected onto the vocabulary (the projection and softmax dominate a pass's cost).
+        """
+        if self.direct and self.can_project_subset and (encoder_out is not None or self.kind == LANGUAGE_MODEL):
+            features, extra = self.decoder.extract_features(tokens, encoder_out=encoder_out)  # B x T x D
+            logits = self.decoder.output_layer(features[select])  # N x V
+            return self.inner.get_normalized_probs((logits, extra), log_probs=True)
+        logits, extra = self.forward(sample, tokens, encoder_out)  # B x T x V
+        return self.inner.get_normalized_probs((logits[select], extra), log_probs=True)
+
+    def step(self, prefix, encoder_out, incremental_state):
+        """One decoder step on ``prefix`` (B x t): B x C output for the last position, with gradient.
+
+        Incremental (cached) decoding where it keeps gradients; otherwise the full causal prefix.
+        """
+        if self.incremental_has_gradient:
+            out, _ = self.decoder(prefix, encoder_out=encoder_out, incremental_state=incremental_state)
+        else:
+            out, _ = self.decoder(prefix, encoder_out=encoder_out)
+        return out[:, -1]
+
+    def log_probs(self, net_output) -> torch.Tensor:
+        return self.inner.get_normalized_probs(net_output, log_probs=True)
+
+
+def model_kind(model, criterion_name: str) -> str:
+    """ENCODER_DECODER or LANGUAGE_MODEL; raises UnsupportedModelError naming what to do otherwise."""
+    name = type(model).__name__
+    try:
+        from fairseq.models.nat import FairseqNATModel
+    except ImportError:  # pragma: no cover - fairseq without NAT models
+        FairseqNATModel = ()
+    if isinstance(model, FairseqNATModel):
+        raise UnsupportedModelError(
+            f"--criterion {criterion_name} feeds an autoregressive decoder its own predictions, but "
+            f"{name} is non-autoregressive (it predicts all target tokens at once). Use an autoregressive "
+            "--arch (transformer, lstm, fconv, or transformer_lm on --task language_modeling)."
+        )
+    if isinstance(model, FairseqEncoderDecoderModel):
+        kind = ENCODER_DECODER
+    elif isinstance(model, FairseqLanguageModel):
+        kind = LANGUAGE_MODEL
+    else:
+        raise UnsupportedModelError(
+            f"--criterion {criterion_name} needs an encoder-decoder model whose decoder takes "
+            f"prev_output_tokens (FairseqEncoderDecoderModel) or a decoder-only language model "
+            f"(FairseqLanguageModel); got {name}. Choose an --arch such as transformer, lstm, fconv or transformer_lm."
+        )
+    if not isinstance(model.decoder, FairseqIncrementalDecoder):
+        raise UnsupportedModelError(
+            f"--criterion {criterion_name} needs a causal, step-by-step decoder (FairseqIncrementalDecoder); "
+            f"{name}'s decoder is {type(model.decoder).__name__}. Choose an autoregressive --arch "
+            "(transformer, lstm, fconv, transformer_lm)."
+        )
+    return kind
+
+
+def check_teacher_forcing_shift(inputs, target, pad: int, criterion_name: str):
+    """Raises unless target[:, i] == inputs[:, i + 1] wherever both are tokens (the teacher-forcing shift).
+
+    The methods replace input ``i + 1`` by a prediction made at position ``i``; a task whose targets
+    are not the inputs shifted left (e.g. language_modeling with --self-target) breaks that.
+    """
+    nxt = inputs[:, 1:]  # B x (T-1)
+    tgt = target[:, : nxt.size(1)]
+    both = nxt.ne(pad) & tgt.ne(pad)
+    if not torch.equal(nxt[both], tgt[both]):
+        raise ValueError(
+            f"--criterion {criterion_name}: the targets are not the decoder inputs shifted by one position, "
+            "so a prediction cannot be fed back as the next input. Use targets that follow the inputs "
+            "(translation; language_modeling with the default --output-dictionary-size / future targets)."
+        )

@@ -1,0 +1,137 @@
+"""Schedules of a mixing probability as a function of the trainer's update count.
+
+Every schedule here is a pure function of the update count, so a run resumed from a checkpoint
+(whose update count the trainer restores) continues the schedule exactly.
+
+Value at update ``u`` with warm-up ``W`` (updates of pure teacher forcing), ramp length ``R`` and
+maximum ``p_max``::
+
+    p(u) = 0                                   if u < W
+    p(u) = p_max * f(u - W)                    otherwise
+
+with ``f`` one of
+
+* ``constant``:        f(s) = 1
+* ``exponential``:     f(s) = m ** ((R - s) / R) for s < R, else 1       (tensor2tensor "exp")
+* ``linear``:          f(s) = m + (1 - m) * min(s / R, 1)                (tensor2tensor "linear")
+* ``sigmoid``:         a logistic curve from m to 1 over R updates       (tensor2tensor "sigmoid")
+* ``inverse_sigmoid``: f(s) = 1 - k / (k + exp(s / k))                   (Bengio et al. 2015)
+
+where ``m = 0.001`` is tensor2tensor's starting fraction (``inverse_decay_mix_prob``'s
+``min_value``).  tensor2tensor calls ``R`` its "warmup steps" (Parallel Scheduled Sampling paper,
+Table 1 column "Warm-up Steps"); here "warm-up" means updates of pure teacher forcing before the
+ramp starts, as in the paper's summarization runs ("teacher-forcing for the first 50% of training
+steps as warm-up steps").  Bengio's inverse sigmoid decay is the probability ``k / (k + exp(s/k))``
+of feeding the *gold* token; ``f`` above is its complement, the probability of the model's own.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from fairseq.dataclass import ChoiceEnum
+
+SCHEDULE_CHOICES = ChoiceEnum(["constant", "exponential", "linear", "sigmoid", "inverse_sigmoid"])
+RAMP_SCHEDULES = ("exponential", "linear", "sigmoid")
+
+# tensor2tensor's min_value: the ramped schedules start at 0.1% of their maximum.
+RAMP_START_FRACTION = 1e-3
+
+
+def exponential_ramp(step: float, ramp: int, start: float = RAMP_START_FRACTION) -> float:
+    if ramp <= 0 or step >= ramp:
+        return 1.0
+    return start ** ((ramp - step) / ramp)
+
+
+def linear_ramp(step: float, ramp: int, start: float = RAMP_START_FRACTION) -> float:
+    if ramp <= 0:
+        return 1.0
+    return start + (1.0 - start) * min(step / ramp, 1.0)
+
+
+def sigmoid_ramp(step: float, ramp: int, start: float = RAMP_START_FRACTION) -> float:
+    """Logistic curve through ``start`` at 0 and ``1 - start`` at ``ramp``, rescaled to [start, 1]."""
+    if ramp <= 0 or step >= ramp:
+        return 1.0
+    lo = math.log(start / (1.0 - start))  # inverse sigmoid of `start`
+    x = lo + (-2.0 * lo) * (step / ramp)
+    s = 1.0 / (1.0 + math.exp(-x))
+    return start + (s - start) * (1.0 - start) / (1.0 - 2.0 * start)
+
+
+def inverse_sigmoid_gold_probability(step: float, k: float) -> float:
+    """Bengio et al. (2015): probability of feeding the gold token, k / (k + exp(step / k))."""
+    exponent = step / k
+    if exponent > 700.0:  # exp overflows a double past ~709.8; the value is 0 to double precision
+        return 0.0
+    return k / (k + math.exp(exponent))
+
+
+@dataclass(frozen=True)
+class MixingSchedule:
+    """A probability schedule ``p(update)``; see the module docstring for the formulas.
+
+    Args:
+        name: one of SCHEDULE_CHOICES.
+        max_prob: the value the schedule rises to (p_max), in [0, 1].
+        warmup_updates: updates of pure teacher forcing (p = 0) before the schedule starts.
+        ramp_updates: length R of the exponential / linear / sigmoid ramp.
+        inverse_sigmoid_k: strength k of the inverse sigmoid decay (k >= 1).
+    """
+
+    name: str
+    max_prob: float
+    warmup_updates: int = 0
+    ramp_updates: Optional[int] = None
+    inverse_sigmoid_k: Optional[float] = None
+
+    def __post_init__(self):
+        check_schedule_arguments(
+            self.name, self.max_prob, self.warmup_updates, self.ramp_updates, self.inverse_sigmoid_k
+        )
+
+    def fraction(self, steps_after_warmup: float) -> float:
+        s = steps_after_warmup
+        if self.name == "constant":
+            return 1.0
+        if self.name == "exponential":
+            return exponential_ramp(s, self.ramp_updates)
+        if self.name == "linear":
+            return linear_ramp(s, self.ramp_updates)
+        if self.name == "sigmoid":
+            return sigmoid_ramp(s, self.ramp_updates)
+        return 1.0 - inverse_sigmoid_gold_probability(s, self.inverse_sigmoid_k)
+
+    def __call__(self, num_updates: int) -> float:
+        if num_updates < self.warmup_updates:
+            return 0.0
+        return self.max_prob * self.fraction(num_updates - self.warmup_updates)
+
+
+def check_schedule_arguments(name, max_prob, warmup_updates, ramp_updates, inverse_sigmoid_k, flag_prefix="--ss"):
+    """Raises ValueError naming the flag when the combination is impossible or an option would be ignored."""
+    p = flag_prefix
+    choices = list(SCHEDULE_CHOICES)
+    if str(name) not in choices:
+        raise ValueError(f"{p}-schedule {name!r} is unknown; choose one of {choices}")
+    name = str(name)
+    if not 0.0 <= max_prob <= 1.0:
+        raise ValueError(f"{p}-prob must be a probability in [0, 1], got {max_prob}")
+    if warmup_updates < 0:
+        raise ValueError(f"{p}-warmup-updates must be >= 0, got {warmup_updates}")
+    if name in RAMP_SCHEDULES:
+        if ramp_updates is None:
+            raise ValueError(f"{p}-schedule {name} rises over {p}-ramp-updates N updates: please set N (>= 1)")
+        if ramp_updates < 1:
+            raise ValueError(f"{p}-ramp-updates must be >= 1, got {ramp_updates}")
+    elif ramp_updates is not None:
+        raise ValueError(
+            f"{p}-ramp-updates only applies to {p}-schedule {'/'.join(RAMP_SCHEDULES)}, not {name}: drop it"
+        )
+    if name == "inverse_sigmoid":
+        if inverse_sigmoid_k is None:
+            raise ValueError(f"{p}-schedule inverse_sigmoid needs its strength {p}-inverse-sigmoid-k K (K >= 1)")
+        if inverse_sigmoid_k < 1.0:
+            raise ValueError(f"{p}-inverse-sigmoid-k must be >= 1 (Bengio et al.), got {inverse_sigmoid_k}")
+    elif inverse_sigmoid_k is not None:
+        raise ValueError(f"{p}-inverse-sigmoid-k only applies to {p}-schedule inverse_sigmoid, not {name}: drop it")

@@ -1,0 +1,1 @@
+"""Tasks (fairseq imports this folder of a user dir automatically)."""

@@ -1,0 +1,155 @@
+"""Running fairseq's command-line tools with this plugin, as a user would.
+
+``run_cli`` runs the installed console scripts (``fairseq-preprocess``, ``fairseq-train``, ...) in a
+subprocess with ``--user-dir`` pointing at this package, and returns their output.  The helpers
+below build the usual argument lists.  Every generation helper passes
+``--required-batch-size-multiple 1`` (fairseq issue 5036: otherwise the last batch's tail is dropped)
+and :func:`check_all_hypotheses` verifies that every input got a hypothesis.
+"""
+import os
+import re
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import fairseq_ext
+
+USER_DIR = os.path.dirname(os.path.abspath(fairseq_ext.__file__))
+
+# One thread per process keeps 2-core machines responsive when tests run tools side by side.
+_ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+class CliError(RuntimeError):
+    pass
+
+
+def _tool(name: str) -> List[str]:
+    """Command for a fairseq console script, run with this interpreter (works without PATH set up)."""
+    module = {
+        "fairseq-preprocess": "fairseq_cli.preprocess",
+        "fairseq-train": "fairseq_cli.train",
+        "fairseq-generate": "fairseq_cli.generate",
+        "fairseq-interactive": "fairseq_cli.interactive",
+        "fairseq-validate": "fairseq_cli.validate",
+        "fairseq-eval-lm": "fairseq_cli.eval_lm",
+    }[name]
+    return [sys.executable, "-c", f"import sys; from {module} import cli_main; sys.argv[0] = {name!r}; cli_main()"]
+
+
+def run_cli(
+    tool: str,
+    args: Sequence[str],
+    env: Optional[Dict[str, str]] = None,
+    stdin: Optional[str] = None,
+    timeout: float = 1200,
+    check: bool = True,
+) -> str:
+    """Runs a fairseq tool with ``--user-dir`` (not for preprocess); returns stdout + stderr."""
+    full_env = dict(os.environ)
+    for k, v in _ENV_DEFAULTS.items():
+        full_env.setdefault(k, v)
+    full_env.update(env or {})
+    cmd = _tool(tool) + [str(a) for a in args]
+    if tool != "fairseq-preprocess" and "--user-dir" not in args:
+        cmd += ["--user-dir", USER_DIR]
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise CliError(f"{tool} failed ({proc.returncode}):\n{' '.join(cmd)}\n{out[-6000:]}")
+    return out
+
+
+def preprocess(raw_dir: str, dest_dir: str, src: str = "src", tgt: str = "tgt", extra: Sequence[str] = ()) -> str:
+    """Binarises ``raw_dir/{train,valid,test}.{src,tgt}`` into ``dest_dir`` with a joined dictionary."""
+    pref = lambda split: os.path.join(raw_dir, split)  # noqa: E731
+    args = ["--source-lang", src, "--target-lang", tgt, "--trainpref", pref("train"), "--validpref", pref("valid")]
+    if os.path.exists(os.path.join(raw_dir, f"test.{src}")):
+        args += ["--testpref", pref("test")]
+    args += ["--destdir", dest_dir, "--joined-dictionary", "--workers", "1", *extra]
+    return run_cli("fairseq-preprocess", args)
+
+
+def preprocess_lm(raw_dir: str, dest_dir: str, extra: Sequence[str] = ()) -> str:
+    pref = lambda split: os.path.join(raw_dir, f"{split}.txt")  # noqa: E731
+    args = ["--only-source", "--trainpref", pref("train"), "--validpref", pref("valid"), "--testpref", pref("test")]
+    args += ["--destdir", dest_dir, "--workers", "1", *extra]
+    return run_cli("fairseq-preprocess", args)
+
+
+TINY_TRANSFORMER = [
+    "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]  # fmt: skip
+
+
+def train(data_bin: str, save_dir: str, flags: Sequence[str], env: Optional[Dict[str, str]] = None) -> str:
+    """fairseq-train on CPU with quiet defaults the flags may override (later flags win)."""
+    args = [
+        data_bin, "--save-dir", save_dir, "--cpu", "--seed", "1",
+        "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2000",
+        "--no-progress-bar", "--log-format", "simple", "--log-interval", "1",
+        "--num-workers", "0", "--no-epoch-checkpoints",
+        *flags,
+    ]  # fmt: skip
+    return run_cli("fairseq-train", args, env=env)
+
+
+def generate(data_bin: str, checkpoint: str, flags: Sequence[str] = (), gen_subset: str = "test") -> str:
+    """fairseq-generate on CPU over a whole split; raises unless every sentence got a hypothesis."""
+    args = [
+        data_bin, "--path", checkpoint, "--cpu", "--gen-subset", gen_subset,
+        "--batch-size", "64", "--required-batch-size-multiple", "1", "--num-workers", "0",
+        "--beam", "1", *flags,
+    ]  # fmt: skip
+    out = run_cli("fairseq-generate", args)
+    check_all_hypotheses(out, count_lines(data_bin, gen_subset))
+    return out
+
+
+def count_lines(data_bin: str, split: str) -> Optional[int]:
+    """Sentences in a binarised split (from its .idx file), or None when it cannot be found."""
+    from fairseq.data import data_utils
+
+    for name in sorted(os.listdir(data_bin)):
+        if name.startswith(split + ".") and name.endswith(".idx"):
+            ds = data_utils.load_indexed_dataset(os.path.join(data_bin, name[:-4]), None)
+            return len(ds) if ds is not None else None
+    return None
+
+
+def hypotheses(output: str) -> Dict[int, str]:
+    """Sentence id -> detokenised hypothesis from fairseq-generate output (D- lines)."""
+    hyps = {}
+    for line in output.splitlines():
+        m = re.match(r"^D-(\d+)\t[^\t]*\t?(.*)$", line)
+        if m:
+            hyps[int(m.group(1))] = m.group(2)
+    return hyps
+
+
+def references(output: str) -> Dict[int, str]:
+    refs = {}
+    for line in output.splitlines():
+        m = re.match(r"^T-(\d+)\t(.*)$", line)
+        if m:
+            refs[int(m.group(1))] = m.group(2)
+    return refs
+
+
+def check_all_hypotheses(output: str, expected: Optional[int]):
+    """Raises unless fairseq-generate printed one hypothesis per input sentence."""
+    got = len(hypotheses(output))
+    if expected is not None and got != expected:
+        raise CliError(f"fairseq-generate printed {got} hypotheses for {expected} input sentences")
+
+
+def sacrebleu_score(output: str) -> float:
+    """Corpus sacreBLEU of fairseq-generate's D- lines against its T- lines (tokenize none)."""
+    import sacrebleu
+
+    hyps, refs = hypotheses(output), references(output)
+    ids = sorted(refs)
+    return sacrebleu.corpus_bleu([hyps.get(i, "") for i in ids], [[refs[i] for i in ids]], tokenize="none").score
