@@ -15,7 +15,7 @@ from fairseq_ext.criterions.scheduled_sampling_base import (
     ScheduledSamplingCriterionBase,
     stack_net_output,
 )
-from fairseq_ext.modules.decoder_driver import ENCODER_DECODER
+from fairseq_ext.modules.decoder_driver import ENCODER_DECODER, UnsupportedModelError
 from fairseq_ext.modules.scheduled_sampling import replaceable_positions, sequential_scheduled_sampling
 
 
@@ -33,7 +33,7 @@ class SequentialScheduledSamplingCriterion(ScheduledSamplingCriterionBase):
 
     def conditioned_forward(self, driver, sample, prob):
         if not driver.direct:
-            raise ValueError(
+            raise UnsupportedModelError(
                 "--criterion sequential_ss steps the decoder directly, which torch DDP/FSDP wrappers do not "
                 "synchronise: use --ddp-backend legacy_ddp for distributed training"
             )

@@ -36,8 +36,15 @@ ENCODER_DECODER = "encoder_decoder"
 LANGUAGE_MODEL = "language_model"
 
 
-class UnsupportedModelError(TypeError):
+# Both errors also derive from RuntimeError: fairseq's Trainer.train_step re-raises a RuntimeError
+# as it is, whereas any other exception first makes it write crash.pt into the user's --save-dir.
+# These are configuration errors raised on the first batch, before any update: nothing is saved.
+class UnsupportedModelError(TypeError, RuntimeError):
     """The model cannot be driven by a scheduled-sampling style criterion."""
+
+
+class TargetsNotShiftedError(ValueError, RuntimeError):
+    """The task's targets are not the decoder inputs shifted by one position."""
 
 
 def unwrap_model(model):
@@ -190,7 +197,7 @@ def check_teacher_forcing_shift(inputs, target, pad: int, criterion_name: str):
     tgt = target[:, : nxt.size(1)]
     both = nxt.ne(pad) & tgt.ne(pad)
     if not torch.equal(nxt[both], tgt[both]):
-        raise ValueError(
+        raise TargetsNotShiftedError(
             f"--criterion {criterion_name}: the targets are not the decoder inputs shifted by one position, "
             "so a prediction cannot be fed back as the next input. Use targets that follow the inputs "
             "(translation; language_modeling with the default --output-dictionary-size / future targets)."

@@ -24,7 +24,7 @@ def _live_default_meters():
     the registry but leaves the old one active, so every later ``log_scalar`` goes to the old one and
     the registry's copy would report the checkpoint's update count for the rest of the run.
     """
-    active = getattr(metrics, "_active_aggregators", None)
+    active = None  # MUTATION
     if active is not None and "default" in active:
         return active["default"]
     return metrics.get_meters("default")  # inside a new_root aggregation (validation)

@@ -121,22 +121,22 @@ def count_lines(data_bin: str, split: str) -> Optional[int]:
 
 
 def hypotheses(output: str) -> Dict[int, str]:
-    """Sentence id -> detokenised hypothesis from fairseq-generate output (D- lines)."""
-    hyps = {}
-    for line in output.splitlines():
-        m = re.match(r"^D-(\d+)\t[^\t]*\t?(.*)$", line)
-        if m:
-            hyps[int(m.group(1))] = m.group(2)
-    return hyps
+    """Sentence id -> detokenised hypothesis from fairseq-generate output (D- lines: id, score, text)."""
+    return {i: text.split("\t", 1)[-1] for i, text in _tagged_lines(output, "D").items()}
 
 
 def references(output: str) -> Dict[int, str]:
-    refs = {}
+    """Sentence id -> reference from fairseq-generate output (T- lines)."""
+    return _tagged_lines(output, "T")
+
+
+def _tagged_lines(output: str, tag: str) -> Dict[int, str]:
+    found = {}
     for line in output.splitlines():
-        m = re.match(r"^T-(\d+)\t(.*)$", line)
+        m = re.match(rf"^{tag}-(\d+)\t(.*)$", line)
         if m:
-            refs[int(m.group(1))] = m.group(2)
-    return refs
+            found[int(m.group(1))] = m.group(2)
+    return found
 
 
 def check_all_hypotheses(output: str, expected: Optional[int]):
