@@ -24,7 +24,7 @@ constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 # PIP_CONSTRAINT also reaches any build environment pip makes, so torch cannot be re-resolved there.
 export PIP_CONSTRAINT="$constraints"
 
-if ! "$PY" -c 'import fairseq, fairseq.libbase, fairseq.data.data_utils_fast, numpy, omegaconf, sacrebleu, sklearn, scipy
+if ! "$PY" -c 'import fairseq, fairseq.libbase, fairseq.data.data_utils_fast, numpy, omegaconf, sacrebleu, sklearn, scipy, sentencepiece
 import numpy as np; assert np.__version__.startswith("1."), np.__version__' 2>/dev/null; then
   echo "[install] fairseq dependencies"
   pip_install -r requirements/runtime.txt

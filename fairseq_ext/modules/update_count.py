@@ -5,8 +5,7 @@ fairseq tells only the model the update count (``FairseqTask.train_step`` calls
 does publish it: ``Trainer.set_num_updates`` (called after every update and when a checkpoint is
 loaded, before any training step) logs it as the ``num_updates`` meter of fairseq's always-active
 "default" metrics aggregator.  That value is exactly the ``update_num`` the trainer passes to
-``train_step`` next, so schedules read from here continue exactly across a resume (read from the
-aggregator that is actually being updated: see ``_live_default_meters``).
+``train_step`` next, so schedules read from here continue exactly across a resume.
 
 ``UpdateCountReader`` prefers a count set explicitly (``set_num_updates``: tests, or any caller that
 drives a criterion by hand) over the trainer's.
@@ -16,27 +15,24 @@ from typing import Optional
 from fairseq.logging import metrics
 
 
-def _live_default_meters():
-    """The "default" MetersDict that ``metrics.log_scalar`` currently writes to.
-
-    Not ``metrics.get_meters("default")``: resuming mid-epoch, ``Trainer.load_checkpoint`` calls
-    ``metrics.load_state_dict``, which puts a *new* MetersDict (holding the checkpoint's values) in
-    the registry but leaves the old one active, so every later ``log_scalar`` goes to the old one and
-    the registry's copy would report the checkpoint's update count for the rest of the run.
-    """
-    active = None  # MUTATION
-    if active is not None and "default" in active:
-        return active["default"]
-    return metrics.get_meters("default")  # inside a new_root aggregation (validation)
-
-
 def trainer_update_count() -> int:
-    """The update count the fairseq trainer last published, or 0 before its first update."""
-    meters = _live_default_meters()
-    meter = None if meters is None else meters.get("num_updates", None)
-    if meter is None or getattr(meter, "val", None) is None:
-        return 0
-    return int(meter.val)
+    """The update count the fairseq trainer last published, or 0 before its first update.
+
+    Read from the *active* aggregators (``metrics.get_active_aggregators``), which are the ones
+    ``log_scalar`` writes to, not from ``metrics.get_meters("default")``: resuming mid-epoch,
+    ``Trainer.load_checkpoint`` calls ``metrics.load_state_dict``, which registers a *new* "default"
+    MetersDict holding the checkpoint's values while the old one stays active and keeps receiving
+    every later count, so the registry's copy would be stuck at the checkpoint's update count.
+    During validation (a new-root aggregation) no active aggregator holds a count: 0 is returned,
+    and validation is teacher-forced anyway.
+    """
+    counts = [
+        int(meter.val)
+        for meters in metrics.get_active_aggregators()
+        for meter in [meters.get("num_updates", None)]
+        if meter is not None and getattr(meter, "val", None) is not None
+    ]
+    return max(counts, default=0)
 
 
 class UpdateCountReader:
