@@ -351,3 +351,20 @@ def test_mismatched_targets_are_refused():
     model.train()
     with pytest.raises(ValueError, match="shifted by one"):
         ss(model, sample)
+
+
+def test_sampling_draws_follow_the_tempered_distribution_and_never_draw_banned_tokens():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 3.0], [0.0, 0.0, 5.0, 0.0, -3.0]])
+    n = 40000
+    for temperature in (1.0, 0.7):
+        expected = torch.softmax(logits / temperature, -1)
+        expected[:, 1] = 0.0
+        expected = expected / expected.sum(-1, keepdim=True)
+        draws = draw_tokens(logits.log_softmax(-1).repeat_interleave(n, 0), "sample", temperature, banned=(1,))
+        for row in range(2):
+            counts = torch.bincount(draws[row * n : (row + 1) * n], minlength=5).double()
+            assert counts[1] == 0
+            exp = expected[row].double() * n
+            assert scipy.stats.chisquare(counts[exp > 0].numpy(), exp[exp > 0].numpy() / exp.sum().item() * n).pvalue > 1e-3
+    assert draw_tokens(logits, "argmax", banned=(4,)).tolist() == [0, 2]

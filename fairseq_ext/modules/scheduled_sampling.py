@@ -31,22 +31,35 @@ def replaceable_positions(gold: Tensor, pad: int) -> Tensor:
 def draw_tokens(lprobs: Tensor, method: str, temperature: float = 1.0, banned: Sequence[int] = ()) -> Tensor:
     """One token per row of ``lprobs`` (N x V log-probabilities): a sample or the argmax.
 
-    ``sample`` draws from softmax(lprobs / temperature) with ``torch.multinomial`` (the paper and
-    tensor2tensor sample by multinomial at temperature 1).  ``banned`` tokens (padding) are never
-    drawn, as in fairseq's sampling generator: a padding input would change fairseq's positions.
-    Returns a LongTensor of N token ids.
+    ``sample`` draws from softmax(lprobs / temperature), by multinomial sampling as the paper and
+    tensor2tensor do.  ``banned`` tokens (padding) are never drawn, as in fairseq's sampling
+    generator: a padding input would change fairseq's positions.  Returns N token ids.
     """
     scores = lprobs.float()
+    banned_ids = torch.tensor(list(banned), device=scores.device, dtype=torch.long) if banned else None
     if method == "argmax":
-        if banned:
-            scores = scores.index_fill(-1, torch.tensor(list(banned), device=scores.device), float("-inf"))
+        if banned_ids is not None:
+            scores = scores.index_fill(-1, banned_ids, float("-inf"))
         return scores.argmax(-1)
     if temperature != 1.0:
         scores = scores / temperature
     probs = torch.softmax(scores, dim=-1)  # N x V; also renormalises after dividing by the temperature
-    if banned:
-        probs.index_fill_(-1, torch.tensor(list(banned), device=probs.device), 0.0)
-    return torch.multinomial(probs, 1).squeeze(-1)
+    if banned_ids is not None:
+        probs.index_fill_(-1, banned_ids, 0.0)
+    return sample_categorical(probs)
+
+
+def sample_categorical(probs: Tensor) -> Tensor:
+    """One draw per row of the unnormalised N x V ``probs`` by inverse-CDF sampling: N token ids.
+
+    Same distribution as ``torch.multinomial(probs, 1)``, which on CPU fills an N x V tensor with
+    random numbers (bench/README.md: 291 ms vs 62 ms for 1464 x 8008); this needs N.  ``u`` lies in
+    (0, row total], and a zero-probability token never raises the CDF, so it is never the first
+    index whose CDF reaches ``u``.
+    """
+    cdf = probs.cumsum(-1)  # N x V
+    u = (1.0 - torch.rand(cdf.size(0), 1, dtype=cdf.dtype, device=cdf.device)) * cdf[:, -1:]  # N x 1
+    return torch.searchsorted(cdf, u).clamp_(max=cdf.size(-1) - 1).squeeze(-1)
 
 
 def predicted_positions(select_inputs: Tensor) -> Tensor:
