@@ -132,7 +132,7 @@ def test_vectorised_passes_equal_the_paper_loop(prob, num_passes):
         return driver.log_probs(driver.forward(sample, tokens, enc))
 
     def selected(tokens, outputs):
-        return driver.selected_log_probs(sample, tokens, outputs, enc)
+        return driver.selected_scores(sample, tokens, outputs, enc)
 
     with torch.no_grad():
         expected = reference_algorithm_2(gold, pad, prob, num_passes, full, torch.Generator().manual_seed(7))
@@ -221,7 +221,7 @@ def test_theorem_2_1_p1_and_k_ge_t_is_ancestral_sampling(temperature):
         with torch.no_grad():
             tokens, _ = parallel_scheduled_sampling(
                 gold, replaceable_positions(gold, pad), 1.0, num_passes,
-                lambda t, o: driver.selected_log_probs(big_sample, t, o, enc), draw,
+                lambda t, o: driver.selected_scores(big_sample, t, o, enc), draw,
             )  # fmt: skip
         c = torch.zeros(len(sequences))
         for row in tokens[:, 1:].tolist():

@@ -41,7 +41,7 @@ class ParallelScheduledSamplingCriterion(ScheduledSamplingCriterionBase):
         gold = driver.decoder_inputs(sample)
 
         def predict(tokens, outputs):
-            return driver.selected_log_probs(sample, tokens, outputs, encoder_out)
+            return driver.selected_scores(sample, tokens, outputs, encoder_out)  # N x V
 
         with torch.no_grad():
             tokens, from_model = parallel_scheduled_sampling(

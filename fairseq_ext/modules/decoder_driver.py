@@ -24,6 +24,7 @@ import torch
 from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
 from fairseq.modules import LinearizedConvolution
 from fairseq.models import (
+    BaseFairseqModel,
     FairseqDecoder,
     FairseqEncoderDecoderModel,
     FairseqIncrementalDecoder,
@@ -69,6 +70,10 @@ def _overrides(obj, name: str, base) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name)
 
 
+def _same_method(obj, name: str, base) -> bool:
+    return not _overrides(obj, name, base)
+
+
 class DecoderDriver:
     """Runs one model's decoder on arbitrary decoder inputs; built once per model by a criterion.
 
@@ -93,6 +98,12 @@ class DecoderDriver:
         # re-runs the causal decoder on the whole prefix instead.
         self.incremental_has_gradient = not any(
             isinstance(m, LinearizedConvolution) for m in self.decoder.modules()
+        )
+        self.plain_softmax_output = (
+            getattr(self.decoder, "adaptive_softmax", None) is None
+            and _same_method(self.inner, "get_normalized_probs", BaseFairseqModel)
+            and _same_method(self.decoder, "get_normalized_probs", FairseqDecoder)
+            and _same_method(self.decoder, "get_normalized_probs_scriptable", FairseqDecoder)
         )
         if not self.direct:
             logger.warning(
@@ -127,18 +138,25 @@ class DecoderDriver:
             return self.decoder(tokens, encoder_out=encoder_out)
         return self.model(**self.with_decoder_inputs(sample, tokens))
 
-    def selected_log_probs(self, sample, tokens, select, encoder_out=None) -> torch.Tensor:
-        """Log-probabilities at the positions ``select`` (B x T bool) only: N x V.
+    def selected_scores(self, sample, tokens, select, encoder_out=None) -> torch.Tensor:
+        """N x V scores at the decoder outputs ``select`` (B x T bool) whose softmax is the model's
+        distribution there: the raw logits for a plain softmax output layer (softmax is invariant
+        to the per-row log-normaliser, which saves a log_softmax pass), else log-probabilities.
 
-        When the decoder separates features from its output layer, only the selected positions
-        are projected onto the vocabulary (the projection and softmax dominate a pass's cost).
+        When the decoder separates features from its output layer, only the selected positions are
+        projected onto the vocabulary (the projection and softmax dominate a pass's cost), and the
+        causal decoder runs only up to the last selected position.
         """
         if self.direct and self.can_project_subset and (encoder_out is not None or self.kind == LANGUAGE_MODEL):
-            features, extra = self.decoder.extract_features(tokens, encoder_out=encoder_out)  # B x T x D
-            logits = self.decoder.output_layer(features[select])  # N x V
-            return self.inner.get_normalized_probs((logits, extra), log_probs=True)
-        logits, extra = self.forward(sample, tokens, encoder_out)  # B x T x V
-        return self.inner.get_normalized_probs((logits[select], extra), log_probs=True)
+            width = int(select.any(0).nonzero()[-1]) + 1  # outputs past the last selected one are unused
+            features, extra = self.decoder.extract_features(tokens[:, :width], encoder_out=encoder_out)  # B x W x D
+            logits = self.decoder.output_layer(features[select[:, :width]])  # N x V
+        else:
+            logits, extra = self.forward(sample, tokens, encoder_out)  # B x T x V
+            logits = logits[select]
+        if self.plain_softmax_output:
+            return logits
+        return self.inner.get_normalized_probs((logits, extra), log_probs=True)
 
     def step(self, prefix, encoder_out, incremental_state):
         """One decoder step on ``prefix`` (B x t): B x C output for the last position, with gradient.

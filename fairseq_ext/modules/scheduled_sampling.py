@@ -29,7 +29,8 @@ def replaceable_positions(gold: Tensor, pad: int) -> Tensor:
 
 
 def draw_tokens(lprobs: Tensor, method: str, temperature: float = 1.0, banned: Sequence[int] = ()) -> Tensor:
-    """One token per row of ``lprobs`` (N x V log-probabilities): a sample or the argmax.
+    """One token per row of ``lprobs`` (N x V log-probabilities, or logits: only their softmax
+    matters): a sample or the argmax.
 
     ``sample`` draws from softmax(lprobs / temperature), by multinomial sampling as the paper and
     tensor2tensor do.  ``banned`` tokens (padding) are never drawn, as in fairseq's sampling
@@ -87,7 +88,7 @@ def parallel_scheduled_sampling(
 
     Only the positions whose coin chose the model are predicted: ``predict(tokens, outputs)`` gets
     the B x T inputs and a B x T bool of decoder outputs to return and answers N x V
-    log-probabilities for those outputs in row-major order.  ``draw`` maps N x V log-probs to N tokens.
+    log-probabilities (or logits) for those outputs in row-major order.  ``draw`` maps them to N tokens.
 
     Args:
         gold: B x T gold decoder inputs.
