@@ -91,3 +91,17 @@ def test_model_it_cannot_drive_fails_before_the_first_update(translation_data, t
         ])  # fmt: skip
     assert "num_updates=1" not in str(err.value)
     assert not any(p.name.endswith(".pt") for p in save.glob("*"))
+
+
+def test_user_dir_as_a_relative_path_and_from_the_installed_package(translation_data, tmp_path):
+    import subprocess
+    import sys
+
+    printed = subprocess.run([sys.executable, "-m", "fairseq_ext"], capture_output=True, text=True, check=True)
+    assert printed.stdout.strip() == cli.USER_DIR
+    repo_root = os.path.dirname(cli.USER_DIR)
+    out = cli.run_cli("fairseq-train", [translation_data, "--user-dir", "fairseq_ext", "--save-dir", str(tmp_path / "rel"),
+                                        "--cpu", *cli.TINY_TRANSFORMER, "--criterion", "sequential_ss", "--optimizer", "adam",
+                                        "--lr", "0.001", "--max-tokens", "500", "--max-update", "2", "--no-progress-bar"],
+                      cwd=repo_root)  # fmt: skip
+    assert "num_updates 2" in out or "num_updates=2" in out

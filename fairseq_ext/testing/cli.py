@@ -44,6 +44,7 @@ def run_cli(
     stdin: Optional[str] = None,
     timeout: float = 1200,
     check: bool = True,
+    cwd: Optional[str] = None,
 ) -> str:
     """Runs a fairseq tool with ``--user-dir`` (not for preprocess); returns stdout + stderr."""
     full_env = dict(os.environ)
@@ -53,7 +54,7 @@ def run_cli(
     cmd = _tool(tool) + [str(a) for a in args]
     if tool != "fairseq-preprocess" and "--user-dir" not in args:
         cmd += ["--user-dir", USER_DIR]
-    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout)
+    proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
     out = proc.stdout + proc.stderr
     if check and proc.returncode != 0:
         raise CliError(f"{tool} failed ({proc.returncode}):\n{' '.join(cmd)}\n{out[-6000:]}")
