@@ -1,0 +1,128 @@
+# Shell helpers shared by the recipes' prepare.sh and run.sh (sourced, never run).
+# Every failure goes through die() so a user sees one line that names the culprit.
+
+RECIPES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO_DIR=$(cd "$RECIPES_DIR/.." && pwd)
+PY=${PYTHON:-python3}
+# The plugin is loaded from this checkout unless the user points elsewhere.
+USER_DIR=${FAIRSEQ_EXT_USER_DIR:-$REPO_DIR/fairseq_ext}
+HELPERS=$RECIPES_DIR/common
+
+die() { echo "ERROR: $*" >&2; exit 1; }
+phase() { echo "=== [$(basename "$(dirname "$0")") $(date +%H:%M:%S)] $* ==="; }
+
+# A file the pipeline needs: present and with at least one byte.
+require_file() {
+  [ -e "$1" ] || die "missing input file: $1"
+  [ -f "$1" ] || die "not a regular file: $1"
+  [ -s "$1" ] || die "empty input file: $1"
+}
+
+# Parallel files must be line-aligned; a count mismatch means a broken download or a wrong pair.
+require_parallel() {
+  local a=$1 b=$2 na nb
+  require_file "$a"; require_file "$b"
+  na=$(wc -l < "$a"); nb=$(wc -l < "$b")
+  [ "$na" -eq "$nb" ] || die "line counts differ: $a has $na lines, $b has $nb lines"
+  echo "  ok $(basename "$a") / $(basename "$b"): $na lines"
+}
+
+# Refuses to write into a directory that already holds something unless --force was given;
+# with --force only the subdirectories this pipeline creates are replaced, nothing else there.
+guard_outdir() {
+  local out=$1 force=$2; shift 2
+  if [ -d "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    [ "$force" = 1 ] || die "output directory $out already exists and is not empty; refusing to overwrite it (pass --force to replace the recipe's own subdirectories: $*)"
+    echo "  --force: replacing $* in $out"
+    local sub; for sub in "$@"; do rm -rf "${out:?}/$sub"; done
+  fi
+  mkdir -p "$out"
+}
+
+# fairseq-train/-generate flags for the device: a GPU when torch sees one, else --cpu.
+# DEVICE=cpu|gpu overrides; FP16=1 adds --fp16 on GPU.
+device_flags() {
+  local dev=${DEVICE:-auto}
+  if [ "$dev" = auto ]; then
+    if "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then dev=gpu; else dev=cpu; fi
+  fi
+  case $dev in
+    cpu) echo "--cpu" ;;
+    gpu) if [ "${FP16:-0}" = 1 ]; then echo "--fp16"; fi ;;
+    *) die "DEVICE must be auto, cpu or gpu, got '$dev'" ;;
+  esac
+}
+
+# OUT/raw/{train,valid,test}.{SRC,TGT} (raw text) -> a joint sentencepiece model OUT/spm/spm.model,
+# the encoded text OUT/spm/*, and fairseq's binarised data with a joined dictionary in OUT/bin.
+# Extra arguments go to spm-train (e.g. --input-sentence-size for large corpora).
+spm_and_binarize() {
+  local out=$1 src=$2 tgt=$3 vocab=$4; shift 4
+  local split lang
+  phase "sentencepiece: training a joint $vocab-piece model on train.$src + train.$tgt"
+  mkdir -p "$out/spm"
+  "$PY" "$HELPERS/tools.py" spm-train --model-prefix "$out/spm/spm" --vocab-size "$vocab" "$@" \
+    "$out/raw/train.$src" "$out/raw/train.$tgt"
+  phase "sentencepiece: encoding train/valid/test"
+  for split in train valid test; do
+    for lang in "$src" "$tgt"; do
+      "$PY" "$HELPERS/tools.py" spm-encode --model "$out/spm/spm.model" "$out/raw/$split.$lang" "$out/spm/$split.$lang"
+    done
+  done
+  phase "fairseq-preprocess: binarising into $out/bin (joined dictionary)"
+  # --workers 1 keeps the dictionary order (and so the data) identical from run to run.
+  fairseq-preprocess --source-lang "$src" --target-lang "$tgt" \
+    --trainpref "$out/spm/train" --validpref "$out/spm/valid" --testpref "$out/spm/test" \
+    --destdir "$out/bin" --joined-dictionary --workers 1 > "$out/preprocess.log" 2>&1 \
+    || { tail -20 "$out/preprocess.log" >&2; die "fairseq-preprocess failed (log: $out/preprocess.log)"; }
+  for split in train valid test; do
+    [ -s "$out/bin/$split.$src-$tgt.$src.bin" ] || die "fairseq-preprocess wrote no $split data: $out/bin/$split.$src-$tgt.$src.bin"
+  done
+  echo "  dictionary: $(wc -l < "$out/bin/dict.$src.txt") types; test: $(wc -l < "$out/raw/test.$src") sentences"
+  # Lets run.sh know the pair without being told again.
+  printf 'SRC=%s\nTGT=%s\n' "$src" "$tgt" > "$out/pair.env"
+}
+
+# DIR/{train,valid,test}.{SRC,TGT}, checked pairwise, copied to OUT/raw.
+copy_plain_splits() {
+  local dir=$1 out=$2 src=$3 tgt=$4 split lang
+  for split in train valid test; do require_parallel "$dir/$split.$src" "$dir/$split.$tgt"; done
+  mkdir -p "$out/raw"
+  for split in train valid test; do
+    for lang in "$src" "$tgt"; do cp "$dir/$split.$lang" "$out/raw/$split.$lang"; done
+  done
+}
+
+# Downloads URL to FILE unless FILE is already there (a .part file is never mistaken for it),
+# then checks that it is a gzip tarball holding every MEMBER given.
+fetch_tarball() {
+  local url=$1 file=$2 member; shift 2
+  if [ ! -s "$file" ]; then
+    echo "  downloading $url"
+    if command -v curl > /dev/null; then
+      curl -fL --retry 3 -o "$file.part" "$url" || die "download failed: $url"
+    elif command -v wget > /dev/null; then
+      wget -q -O "$file.part" "$url" || die "download failed: $url"
+    else
+      die "neither curl nor wget is installed: cannot download $url"
+    fi
+    mv "$file.part" "$file"
+  else
+    echo "  reusing $file"
+  fi
+  [ -s "$file" ] || die "empty download: $file (from $url)"
+  local listing
+  listing=$(tar -tzf "$file" 2>/dev/null) || die "not a readable .tgz (broken or partial download? delete it and retry): $file"
+  for member in "$@"; do
+    grep -qxF "$member" <<< "$listing" || die "$file does not contain $member (unexpected archive from $url)"
+  done
+}
+
+# The fairseq console scripts, or the same modules run by $PY when they are not on PATH
+# (a virtual environment that is not activated, say).
+for _tool in preprocess train generate; do
+  if ! command -v "fairseq-$_tool" > /dev/null 2>&1; then
+    eval "fairseq-$_tool() { \"\$PY\" -m fairseq_cli.$_tool \"\$@\"; }"
+  fi
+done
+unset _tool

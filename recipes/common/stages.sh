@@ -1,0 +1,131 @@
+# The four stages every recipe's run.sh shares (sourced after lib.sh).
+#
+# run.sh parses its arguments with parse_run_args, defines its flag groups, then calls run_stages.
+# Flag groups a run.sh defines (bash arrays): MODEL, REG, OPTIM, BATCH, LENGTH (when to stop),
+# SS (parallel_ss flags), and GEN (extra decoding flags).  Stages:
+#   1  baseline: teacher-forced training (label_smoothed_cross_entropy)   -> EXP_DIR/baseline
+#   2  method:   parallel scheduled sampling (parallel_ss)                 -> EXP_DIR/parallel_ss
+#   3  generate: beam 5 and greedy on the test set, one hypothesis per test sentence checked
+#   4  score:    sacreBLEU of the decoded hypotheses against the raw reference -> EXP_DIR/results.txt
+
+STAGE=1
+STOP_STAGE=4
+SMOKE=${SMOKE:-0}
+SEED=${SEED:-1}
+MODELS=(baseline parallel_ss)
+DECODES=(beam5 greedy)
+
+parse_run_args() {
+  local pos=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --stage) STAGE=$2; shift 2 ;;
+      --stop-stage) STOP_STAGE=$2; shift 2 ;;
+      --smoke) SMOKE=1; shift ;;
+      -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
+      -*) die "unknown option $1" ;;
+      *) pos+=("$1"); shift ;;
+    esac
+  done
+  [ ${#pos[@]} -eq 2 ] || die "usage: $0 DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--smoke]"
+  [[ $STAGE =~ ^[1-4]$ && $STOP_STAGE =~ ^[1-4]$ ]] || die "--stage and --stop-stage take 1..4"
+  [ "$STAGE" -le "$STOP_STAGE" ] || die "--stage $STAGE is after --stop-stage $STOP_STAGE"
+  DATA_DIR=${pos[0]}
+  EXP_DIR=${pos[1]}
+  [ -s "$DATA_DIR/pair.env" ] || die "$DATA_DIR/pair.env not found: run this recipe's prepare.sh into $DATA_DIR first"
+  # shellcheck disable=SC1091
+  source "$DATA_DIR/pair.env"   # SRC, TGT
+  mkdir -p "$EXP_DIR"
+  DATA_DIR=$(cd "$DATA_DIR" && pwd)
+  EXP_DIR=$(cd "$EXP_DIR" && pwd)
+  local flags
+  flags=$(device_flags) || exit 1   # die() inside $(...) only leaves the subshell
+  read -r -a DEVICE_FLAGS <<< "$flags"
+  # Everything this script prints also lands in the experiment directory.
+  exec > >(tee -a "$EXP_DIR/run.log") 2>&1
+  echo "=== $(date '+%F %T') $0 $DATA_DIR $EXP_DIR --stage $STAGE --stop-stage $STOP_STAGE (smoke=$SMOKE, device flags: ${DEVICE_FLAGS[*]:-none}) ==="
+}
+
+stage_on() { [ "$STAGE" -le "$1" ] && [ "$1" -le "$STOP_STAGE" ]; }
+
+# Runs a command with its output shown and kept in LOG, and its exact text in LOG's .cmd file.
+run_logged() {
+  local log=$1; shift
+  printf '%q ' "$@" > "${log%.log}.cmd"; echo >> "${log%.log}.cmd"
+  "$@" 2>&1 | tee "$log"
+}
+
+train_model() {
+  local name=$1; shift
+  local dir=$EXP_DIR/$name
+  mkdir -p "$dir"
+  # fairseq-train resumes from $dir/checkpoint_last.pt when it exists: rerunning a stage continues it.
+  # --required-batch-size-multiple 1: with fairseq's default of 8 the validation set loses sentences
+  # (a 7-sentence set becomes empty), as generation does (issue 5036).
+  run_logged "$dir/train.log" fairseq-train "$DATA_DIR/bin" --user-dir "$USER_DIR" \
+    --source-lang "$SRC" --target-lang "$TGT" --save-dir "$dir" --seed "$SEED" \
+    "${DEVICE_FLAGS[@]}" "${MODEL[@]}" "${REG[@]}" "${OPTIM[@]}" "${BATCH[@]}" "${LENGTH[@]}" \
+    --required-batch-size-multiple 1 --no-epoch-checkpoints --log-format simple --no-progress-bar "$@"
+  [ -s "$dir/checkpoint_last.pt" ] || die "training wrote no checkpoint: $dir/checkpoint_last.pt"
+}
+
+generate_all() {
+  local n model decode beam dir
+  n=$(wc -l < "$DATA_DIR/raw/test.$SRC")
+  for model in "${MODELS[@]}"; do
+    dir=$EXP_DIR/$model
+    # The LAST checkpoint, not the best: validation is teacher-forced, so "best" would favour the
+    # teacher-forced warm-up over the scheduled-sampling phase and compare unlike things.
+    [ -s "$dir/checkpoint_last.pt" ] || die "no checkpoint to decode: $dir/checkpoint_last.pt (run stage 1/2 first)"
+    for decode in "${DECODES[@]}"; do
+      beam=5; [ "$decode" = greedy ] && beam=1
+      echo "--- $model, $decode (beam $beam) ---"
+      # --required-batch-size-multiple 1: otherwise fairseq may drop the last batch's tail (issue 5036).
+      # --post-process sentencepiece: D- lines are decoded text, ready for sacreBLEU.
+      local cmd=(fairseq-generate "$DATA_DIR/bin" --user-dir "$USER_DIR" --source-lang "$SRC" --target-lang "$TGT"
+        --path "$dir/checkpoint_last.pt" --gen-subset test "${DEVICE_FLAGS[@]}"
+        --beam "$beam" --batch-size "${GEN_BATCH_SIZE:-128}" --required-batch-size-multiple 1
+        --post-process sentencepiece --num-workers 0 "${GEN[@]}")
+      printf '%q ' "${cmd[@]}" > "$dir/test.$decode.cmd"; echo >> "$dir/test.$decode.cmd"
+      "${cmd[@]}" > "$dir/test.$decode.out" 2> "$dir/test.$decode.err" \
+        || { tail -20 "$dir/test.$decode.err" >&2; die "fairseq-generate failed: $dir/test.$decode.err"; }
+      grep -E '^\| Generate|Translated' "$dir/test.$decode.out" "$dir/test.$decode.err" | sed 's/^[^:]*://' | tail -1 || true
+      "$PY" "$HELPERS/tools.py" hyps --expected "$n" "$dir/test.$decode.out" "$dir/test.$decode.hyp"
+    done
+  done
+}
+
+score_all() {
+  local model decode ref=$DATA_DIR/raw/test.$TGT
+  require_file "$ref"
+  : > "$EXP_DIR/results.txt.tmp"
+  for model in "${MODELS[@]}"; do
+    for decode in "${DECODES[@]}"; do
+      require_file "$EXP_DIR/$model/test.$decode.hyp"
+      "$PY" "$HELPERS/tools.py" bleu --name "$model/$decode" "$EXP_DIR/$model/test.$decode.hyp" "$ref" \
+        | tee -a "$EXP_DIR/results.txt.tmp"
+    done
+  done
+  mv "$EXP_DIR/results.txt.tmp" "$EXP_DIR/results.txt"
+  echo "(sacreBLEU, default 13a tokenisation, cased, on the decoded output vs the raw reference $ref)"
+}
+
+run_stages() {
+  if stage_on 1; then
+    phase "stage 1: baseline, teacher forcing"
+    train_model baseline --criterion label_smoothed_cross_entropy
+  fi
+  if stage_on 2; then
+    phase "stage 2: parallel scheduled sampling (${SS[*]})"
+    train_model parallel_ss --criterion parallel_ss "${SS[@]}"
+  fi
+  if stage_on 3; then
+    phase "stage 3: generate (beam 5 and greedy) on test"
+    generate_all
+  fi
+  if stage_on 4; then
+    phase "stage 4: sacreBLEU"
+    score_all
+  fi
+  phase "done: $EXP_DIR (log: $EXP_DIR/run.log)"
+}
