@@ -92,6 +92,7 @@ def train(data_bin: str, save_dir: str, flags: Sequence[str], env: Optional[Dict
         data_bin, "--save-dir", save_dir, "--cpu", "--seed", "1",
         "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2000",
         "--no-progress-bar", "--log-format", "simple", "--log-interval", "1",
+        "--required-batch-size-multiple", "1",  # fairseq drops the tail of the last batch otherwise (issue 5036)
         "--num-workers", "0", "--no-epoch-checkpoints",
         *flags,
     ]  # fmt: skip
