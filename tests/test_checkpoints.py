@@ -222,7 +222,8 @@ def test_fairseq_validate_reproduces_the_training_validation_loss(trained):
     out = cli.run_cli(
         "fairseq-validate",
         [trained.data_bin, "--path", trained.checkpoint, "--task", "translation", "--cpu",
-         "--valid-subset", "valid", "--max-tokens", MAX_TOKENS, "--num-workers", "0"],
+         "--valid-subset", "valid", "--max-tokens", MAX_TOKENS, "--num-workers", "0",
+         "--required-batch-size-multiple", "1"],
     )  # fmt: skip
     m = re.search(r"valid on 'valid' subset \| loss ([\d.]+)", out)
     assert m, out[-3000:]
@@ -279,7 +280,8 @@ def test_transformer_lm_checkpoint_through_eval_lm(tmp_path):
     out = cli.run_cli(
         "fairseq-eval-lm",
         [data_bin, "--path", checkpoint, "--cpu", "--gen-subset", "test", "--max-tokens", "1000",
-         "--tokens-per-sample", "64", "--sample-break-mode", "eos", "--num-workers", "0"],
+         "--tokens-per-sample", "64", "--sample-break-mode", "eos", "--num-workers", "0",
+         "--required-batch-size-multiple", "1"],
     )  # fmt: skip
     m = re.search(r"Evaluated (\d+) tokens.*?Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", out, re.S)
     assert m, out[-3000:]
