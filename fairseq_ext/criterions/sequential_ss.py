@@ -15,7 +15,7 @@ from fairseq_ext.criterions.scheduled_sampling_base import (
     ScheduledSamplingCriterionBase,
     stack_net_output,
 )
-from fairseq_ext.modules.decoder_driver import ENCODER_DECODER, UnsupportedModelError
+from fairseq_ext.modules.decoder_driver import UnsupportedModelError
 from fairseq_ext.modules.scheduled_sampling import replaceable_positions, sequential_scheduled_sampling
 
 
@@ -37,7 +37,7 @@ class SequentialScheduledSamplingCriterion(ScheduledSamplingCriterionBase):
                 "--criterion sequential_ss steps the decoder directly, which torch DDP/FSDP wrappers do not "
                 "synchronise: use --ddp-backend legacy_ddp for distributed training"
             )
-        encoder_out = driver.encode(sample) if driver.kind == ENCODER_DECODER else None
+        encoder_out = driver.encode(sample)  # None for a language model
         gold = driver.decoder_inputs(sample)
         incremental_state = {}  # a fresh decoding state per forward
 

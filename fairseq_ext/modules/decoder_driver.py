@@ -217,6 +217,6 @@ def check_teacher_forcing_shift(inputs, target, pad: int, criterion_name: str):
     if not torch.equal(nxt[both], tgt[both]):
         raise TargetsNotShiftedError(
             f"--criterion {criterion_name}: the targets are not the decoder inputs shifted by one position, "
-            "so a prediction cannot be fed back as the next input. Use targets that follow the inputs "
-            "(translation; language_modeling with the default --output-dictionary-size / future targets)."
+            "so a prediction cannot be fed back as the next input. Use a task whose targets follow the inputs "
+            "(translation; language_modeling with its default future targets, not --self-target or --past-target)."
         )
