@@ -9,6 +9,24 @@ USER_DIR=${FAIRSEQ_EXT_USER_DIR:-$REPO_DIR/fairseq_ext}
 HELPERS=$RECIPES_DIR/common
 
 die() { echo "ERROR: $*" >&2; exit 1; }
+
+# The options every prepare.sh takes; a recipe's own ones go to its recipe_option NAME VALUE, which
+# returns 0 when it took the option (with its value).  Positional arguments are left in POS.
+parse_prepare_args() {
+  POS=()
+  while [ $# -gt 0 ]; do
+    case $1 in
+      --vocab-size) VOCAB_SIZE=$2; shift 2 ;;
+      --smoke) SMOKE=1; shift ;;
+      --force) FORCE=1; shift ;;
+      -h|--help) usage ;;
+      -*)
+        if [ $# -ge 2 ] && recipe_option "$1" "$2"; then shift 2; else die "unknown option $1"; fi ;;
+      *) POS+=("$1"); shift ;;
+    esac
+  done
+  if [ "$SMOKE" = 1 ]; then VOCAB_SIZE=$SMOKE_VOCAB_SIZE; fi
+}
 phase() { echo "=== [$(basename "$(dirname "$0")") $(date +%H:%M:%S)] $* ==="; }
 
 # A file the pipeline needs: present and with at least one byte.

@@ -110,7 +110,22 @@ score_all() {
   echo "(sacreBLEU, default 13a tokenisation, cased, on the decoded output vs the raw reference $ref)"
 }
 
+# --smoke: the same tiny model for one epoch in every recipe, to check a pipeline in seconds
+use_smoke_settings() {
+  MODEL=(--arch transformer --share-all-embeddings --encoder-layers 1 --decoder-layers 1
+         --encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64
+         --encoder-attention-heads 2 --decoder-attention-heads 2)
+  OPTIM=(--optimizer adam --lr 5e-3 --lr-scheduler inverse_sqrt --warmup-updates 5)
+  BATCH=(--max-tokens 2000 --num-workers 0)
+  LENGTH=(--max-epoch 1)
+  SS=(--ss-prob 0.5 --ss-num-passes 2)
+  GEN=(--max-len-a 1.2 --max-len-b 10)
+}
+
 run_stages() {
+  if [ "$SMOKE" = 1 ]; then
+    use_smoke_settings
+  fi
   if stage_on 1; then
     phase "stage 1: baseline, teacher forcing"
     train_model baseline --criterion label_smoothed_cross_entropy

@@ -27,21 +27,15 @@ SMOKE=${SMOKE:-0}
 LOCAL=
 
 usage() { sed -n '5,5p' "$0" | sed 's/^# //'; exit 2; }
-POS=()
-while [ $# -gt 0 ]; do
+recipe_option() {  # this recipe's own options (the common ones: parse_prepare_args in common/lib.sh)
   case $1 in
-    --local) LOCAL=$2; shift 2 ;;
-    --vocab-size) VOCAB_SIZE=$2; shift 2 ;;
-    --smoke) SMOKE=1; shift ;;
-    --force) FORCE=1; shift ;;
-    -h|--help) usage ;;
-    -*) die "unknown option $1" ;;
-    *) POS+=("$1"); shift ;;
+    --local) LOCAL=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_prepare_args "$@"
 [ ${#POS[@]} -eq 1 ] || usage
 OUT_DIR=${POS[0]}
-[ "$SMOKE" = 1 ] && VOCAB_SIZE=$SMOKE_VOCAB_SIZE
 
 # The release: train.tags.de-en.{de,en} (one sentence a line between XML metadata lines, of which
 # the talks' <title> and <description> are translated text too and kept) and

@@ -22,23 +22,17 @@ FORCE=0
 SMOKE=${SMOKE:-0}
 
 usage() { sed -n '4,4p' "$0" | sed 's/^# //'; exit 2; }
-POS=()
-while [ $# -gt 0 ]; do
+recipe_option() {  # this recipe's own options (the common ones: parse_prepare_args in common/lib.sh)
   case $1 in
-    --src) SRC=$2; shift 2 ;;
-    --tgt) TGT=$2; shift 2 ;;
-    --vocab-size) VOCAB_SIZE=$2; shift 2 ;;
-    --smoke) SMOKE=1; shift ;;
-    --force) FORCE=1; shift ;;
-    -h|--help) usage ;;
-    -*) die "unknown option $1" ;;
-    *) POS+=("$1"); shift ;;
+    --src) SRC=$2 ;;
+    --tgt) TGT=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_prepare_args "$@"
 [ ${#POS[@]} -eq 2 ] || usage
 DATA_DIR=${POS[0]}
 OUT_DIR=${POS[1]}
-[ "$SMOKE" = 1 ] && VOCAB_SIZE=$SMOKE_VOCAB_SIZE
 [ -d "$DATA_DIR" ] || die "data directory not found: $DATA_DIR"
 
 phase "checking inputs in $DATA_DIR"

@@ -33,13 +33,4 @@ SS=(--ss-prob "${SS_PROB:-0.5}" --ss-num-passes "${SS_PASSES:-1}" --ss-schedule 
 # -- decoding extras (beam size and batch-size rounding are fixed by stage 3)
 GEN=(--max-len-a 1.2 --max-len-b 10)
 
-if [ "$SMOKE" = 1 ]; then
-  MODEL=(--arch transformer --share-all-embeddings --encoder-layers 1 --decoder-layers 1
-         --encoder-embed-dim 32 --decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64
-         --encoder-attention-heads 2 --decoder-attention-heads 2)
-  OPTIM=(--optimizer adam --lr 5e-3 --lr-scheduler inverse_sqrt --warmup-updates 5)
-  BATCH=(--max-tokens 2000 --num-workers 0)
-  LENGTH=(--max-epoch 1)
-  SS=(--ss-prob 0.5 --ss-num-passes 2)
-fi
 run_stages
