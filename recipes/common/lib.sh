@@ -10,6 +10,11 @@ HELPERS=$RECIPES_DIR/common
 
 die() { echo "ERROR: $*" >&2; exit 1; }
 
+FORCE=0
+SMOKE=${SMOKE:-0}
+# prints the calling script's "# Usage:" header line
+usage() { grep -m1 '^# Usage:' "$0" | sed 's/^# //'; exit 2; }
+
 # The options every prepare.sh takes; a recipe's own ones go to its recipe_option NAME VALUE, which
 # returns 0 when it took the option (with its value).  Positional arguments are left in POS.
 parse_prepare_args() {

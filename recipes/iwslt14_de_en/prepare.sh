@@ -22,11 +22,8 @@ SMOKE_VOCAB_SIZE=200
 MAX_WORDS=175            # training pairs longer than this (in words), or with a length ratio > 1.5, are dropped
 VALID_EVERY=23           # every 23rd training pair becomes validation data
 TEST_SETS="IWSLT14.TED.dev2010 IWSLT14.TED.tst2010 IWSLT14.TED.tst2011 IWSLT14.TED.tst2012 IWSLT14.TEDX.dev2012"
-FORCE=0
-SMOKE=${SMOKE:-0}
 LOCAL=
 
-usage() { sed -n '5,5p' "$0" | sed 's/^# //'; exit 2; }
 recipe_option() {  # this recipe's own options (the common ones: parse_prepare_args in common/lib.sh)
   case $1 in
     --local) LOCAL=$2 ;;

@@ -18,10 +18,7 @@ SRC=en
 TGT=de
 VOCAB_SIZE=8000          # joint en+de pieces; ~29k training sentences support about this many
 SMOKE_VOCAB_SIZE=200
-FORCE=0
-SMOKE=${SMOKE:-0}
 
-usage() { sed -n '4,4p' "$0" | sed 's/^# //'; exit 2; }
 recipe_option() {  # this recipe's own options (the common ones: parse_prepare_args in common/lib.sh)
   case $1 in
     --src) SRC=$2 ;;

@@ -24,11 +24,8 @@ VOCAB_SIZE=32000
 SMOKE_VOCAB_SIZE=200
 SPM_SENTENCES=2000000    # sentencepiece trains on a seeded random sample of this many lines
 MAX_WORDS=250            # training pairs longer than this (in words), or with a length ratio > 1.5, are dropped
-FORCE=0
-SMOKE=${SMOKE:-0}
 LOCAL=
 
-usage() { sed -n '5,5p' "$0" | sed 's/^# //'; exit 2; }
 recipe_option() {  # this recipe's own options (the common ones: parse_prepare_args in common/lib.sh)
   case $1 in
     --local) LOCAL=$2 ;;
