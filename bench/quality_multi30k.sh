@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Quality benchmark: teacher forcing vs parallel scheduled sampling on Multi30k en->de (CPU-sized).
+# Quality benchmark on Multi30k en->de (CPU-sized): teacher forcing vs parallel scheduled sampling
+# (issue 2), and vs hard and differentiable scheduled sampling, the rows of Table 1 of Goyal et al.
+# 2017 (issue 3: DSS=1).
 #
 # Usage: bench/quality_multi30k.sh MULTI30K_DIR [RUN_DIR]      (RUN_DIR default: bench/runs/quality_multi30k)
 #   MULTI30K_DIR: the raw release files (train/val/test_2016_flickr.{en,de}); read, never copied here.
 #   Env: SEED (1), PARALLEL (2 fine-tunes at once), EXTRA_K2=1 adds p=0.25 and p=1.0 with K=2,
+#        DSS=1: the Table 1 grid instead (hard SS greedy/sample, DSS greedy/sample x alpha fixed/annealed,
+#        all at p = 0.25; the tf control is shared) -> bench/results/quality_multi30k_dss.{md,log},
 #        BASE_EPOCHS (3), FT_EPOCHS (1),
 #        FT_SEED (default SEED): another seed for the fine-tunes only (same base; their data order and
 #        sampling change), run into <config>_ftseedN directories; JOBS="tf pss_p0.5_k1 ..." picks configs.
@@ -60,9 +64,27 @@ declare -A CONFIGS=(
   [pss_p0.5_k2]="--criterion parallel_ss --ss-prob 0.5 --ss-num-passes 2"
   [pss_p0.25_k2]="--criterion parallel_ss --ss-prob 0.25 --ss-num-passes 2"
   [pss_p1.0_k2]="--criterion parallel_ss --ss-prob 1.0 --ss-num-passes 2"
+  # Table 1 of Goyal et al. 2017: p = 0.25 throughout (the best parallel_ss p of the grid above);
+  # differentiable_ss in its exact sequential mode; annealed alpha doubles every 30 updates (~1 -> 20
+  # over the ~130-update fine-tune).
+  [hss_greedy]="--criterion sequential_ss --ss-prob 0.25 --ss-conditioning argmax"
+  [hss_sample]="--criterion sequential_ss --ss-prob 0.25 --ss-conditioning sample"
+  [dss_greedy_fixed]="--criterion differentiable_ss --ss-schedule constant --ss-prob 0.25 --dss-mode greedy --dss-alpha 1"
+  [dss_sample_fixed]="--criterion differentiable_ss --ss-schedule constant --ss-prob 0.25 --dss-mode sample --dss-alpha 1"
+  [dss_greedy_annealed]="--criterion differentiable_ss --ss-schedule constant --ss-prob 0.25 --dss-mode greedy --dss-alpha 1 --dss-alpha-schedule exponential --dss-alpha-growth 2 --dss-alpha-period-updates 30"
+  [dss_sample_annealed]="--criterion differentiable_ss --ss-schedule constant --ss-prob 0.25 --dss-mode sample --dss-alpha 1 --dss-alpha-schedule exponential --dss-alpha-growth 2 --dss-alpha-period-updates 30"
 )
-ORDER=(base tf pss_p0.5_k1 pss_p0.25_k1 pss_p1.0_k1 pss_p0.5_k2)
-[ "${EXTRA_K2:-0}" = 1 ] && ORDER+=(pss_p0.25_k2 pss_p1.0_k2)
+RESULTS_NAME=quality_multi30k
+TABLE_CONFIGS=
+if [ "${DSS:-0}" = 1 ]; then
+  ORDER=(base tf hss_greedy hss_sample dss_greedy_fixed dss_sample_fixed dss_greedy_annealed dss_sample_annealed)
+  RESULTS_NAME=quality_multi30k_dss
+  TABLE_CONFIGS=$(IFS=,; echo "${ORDER[*]}")
+else
+  ORDER=(base tf pss_p0.5_k1 pss_p0.25_k1 pss_p1.0_k1 pss_p0.5_k2)
+  [ "${EXTRA_K2:-0}" = 1 ] && ORDER+=(pss_p0.25_k2 pss_p1.0_k2)
+  TABLE_CONFIGS=$(IFS=,; echo "base,tf,pss_p0.25_k1,pss_p0.5_k1,pss_p1.0_k1,pss_p0.25_k2,pss_p0.5_k2,pss_p1.0_k2")
+fi
 if [ -n "${JOBS:-}" ]; then read -r -a ORDER <<< "$JOBS"; fi
 # a fine-tune seed other than the base's gets its own directories (base is evaluated once)
 if [ "$FT_SEED" != "$SEED" ]; then
@@ -152,9 +174,9 @@ log "grid: ${ORDER[*]}"
 printf '%s\n' "${ORDER[@]}" | xargs -P "$PARALLEL" -I{} bash "$0" --job "$RUN_DIR" {} || log "some jobs failed: see their logs under $RUN_DIR"
 
 mkdir -p "$RESULTS"
-"$PY" "$BENCH_DIR/quality_table.py" --run-dir "$RUN_DIR" --seed "$SEED" \
-  --md "$RESULTS/quality_multi30k.md" --log "$RESULTS/quality_multi30k.log"
-log "table: $RESULTS/quality_multi30k.md"
+"$PY" "$BENCH_DIR/quality_table.py" --run-dir "$RUN_DIR" --seed "$SEED" --configs "$TABLE_CONFIGS" \
+  --md "$RESULTS/$RESULTS_NAME.md" --log "$RESULTS/$RESULTS_NAME.log"
+log "table: $RESULTS/$RESULTS_NAME.md"
 }
 
 # The whole body is one function, so bash has read all of it before it runs: editing this file

@@ -44,20 +44,31 @@ def describe_config(name):
         return "base (teacher forcing, no fine-tune)", "-", "-"
     if name == "tf":
         return "teacher forcing (control)", "0", "-"
+    m = re.match(r"hss_(greedy|sample)$", name)
+    if m:
+        return f"sequential_ss ({'argmax' if m.group(1) == 'greedy' else 'sample'}; Bengio et al.)", "0.25", "-"
+    m = re.match(r"dss_(greedy|sample)_(fixed|annealed)$", name)
+    if m:
+        alpha = "alpha 1" if m.group(2) == "fixed" else "alpha 1 x2 per 30 updates"
+        return f"differentiable_ss {m.group(1)}, {alpha}", "0.25", "-"
     m = re.match(r"pss_p([0-9.]+)_k(\d+)", name)
     return "parallel_ss", m.group(1), m.group(2)
 
 
-CANONICAL = ["base", "tf", "pss_p0.25_k1", "pss_p0.5_k1", "pss_p1.0_k1", "pss_p0.25_k2", "pss_p0.5_k2", "pss_p1.0_k2"]
+CANONICAL = ["base", "tf", "pss_p0.25_k1", "pss_p0.5_k1", "pss_p1.0_k1", "pss_p0.25_k2", "pss_p0.5_k2", "pss_p1.0_k2",
+             "hss_greedy", "hss_sample", "dss_greedy_fixed", "dss_sample_fixed", "dss_greedy_annealed",
+             "dss_sample_annealed"]
 
 
-def discover(run_dir):
-    """Run directories in a fixed order: seed 1 configurations, then each further fine-tune seed."""
+def discover(run_dir, configs=None):
+    """Run directories in a fixed order: seed 1 configurations, then each further fine-tune seed;
+    only ``configs`` (names without the seed suffix) when given."""
     present = {d for d in os.listdir(run_dir) if os.path.exists(os.path.join(run_dir, d, "train.log"))}
     seeds = sorted({int(m.group(1)) for d in present for m in [re.search(r"_ftseed(\d+)$", d)] if m})
-    jobs = [c for c in CANONICAL if c in present]
+    canonical = [c for c in CANONICAL if not configs or c in configs]
+    jobs = [c for c in canonical if c in present]
     for seed in seeds:
-        jobs += [f"{c}_ftseed{seed}" for c in CANONICAL[1:] if f"{c}_ftseed{seed}" in present]
+        jobs += [f"{c}_ftseed{seed}" for c in canonical if c != "base" and f"{c}_ftseed{seed}" in present]
     return jobs
 
 
@@ -108,10 +119,11 @@ def main():
     ap.add_argument("--seed", default="1")
     ap.add_argument("--md", required=True)
     ap.add_argument("--log", required=True)
+    ap.add_argument("--configs", default="", help="comma-separated configurations to include (default: all)")
     ap.add_argument("jobs", nargs="*", help="default: every finished or started run in --run-dir")
     args = ap.parse_args()
     if not args.jobs:
-        args.jobs = discover(args.run_dir)
+        args.jobs = discover(args.run_dir, [c for c in args.configs.split(",") if c])
 
     rows, cmds, keylines, scores = [], [], [], {}
     sig = ""

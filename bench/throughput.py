@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Training-throughput benchmark: teacher forcing vs parallel_ss (K = 1, 2, 3) vs sequential_ss.
+"""Training-throughput benchmark: teacher forcing vs parallel_ss (K = 1, 2, 3) vs sequential_ss,
+and (``--dss-passes``, ``--dss-sequential``) differentiable_ss in its parallel and sequential modes.
 
 Measures target tokens per second of a full training step (criterion forward + backward + optimizer
 step, as fairseq's ``FairseqTask.train_step`` followed by ``optimizer.step()``) for every variant on
@@ -13,8 +14,8 @@ the SAME model weights, the SAME optimizer state and the SAME batches:
 * warm-up rounds are discarded; the table reports the median over the timed rounds of each
   variant's tokens/s (total target tokens of its batches / total time of its steps).
 
-sequential_ss (one incremental decoder step per target position) is very slow: it runs only in
-the first ``--seq-rounds`` timed rounds (and the warm-up rounds), still interleaved with the others.
+The sequential variants (one incremental decoder step per target position) are slow: they run only
+in the first ``--seq-rounds`` timed rounds (and the warm-up rounds), still interleaved with the others.
 
 Everything is built through fairseq's own APIs: a synthetic parallel corpus (fairseq_ext.testing)
 binarised with fairseq-preprocess, ``options.get_training_parser`` + ``parse_args_and_arch`` with
@@ -25,6 +26,8 @@ Usage (defaults: 3-layer 256-wide transformer, 8000 symbols, reverse task with l
 ~3000 tokens per batch, one CPU thread):
 
     OMP_NUM_THREADS=1 python3 bench/throughput.py
+    OMP_NUM_THREADS=1 python3 bench/throughput.py --passes "" --dss-passes 1,2 --dss-sequential \
+        --ss-conditioning argmax --out-name throughput_dss          # differentiable_ss (issue 3)
     python3 bench/throughput.py --device cuda --threads 4 --rounds 10   # on a GPU machine
 
 Writes the markdown table and the command to bench/results/throughput.md and appends the raw
@@ -73,6 +76,11 @@ def parse_cli(argv=None):
     g.add_argument("--ss-conditioning", choices=["sample", "argmax"], default="sample")
     g.add_argument("--passes", default="1,2,3", help="K values of parallel_ss")
     g.add_argument("--no-sequential", action="store_true", help="skip sequential_ss")
+    g.add_argument("--dss-passes", default="", help="K values of differentiable_ss --dss-decoding parallel")
+    g.add_argument("--dss-sequential", action="store_true", help="add differentiable_ss --dss-decoding sequential")
+    g.add_argument("--dss-mode", choices=["greedy", "sample"], default="greedy")
+    g.add_argument("--dss-alpha", type=float, default=1.0)
+    g.add_argument("--dss-top-k", default="", help="K values of --dss-top-k: adds dss_parallel_k1_topK variants")
     g = p.add_argument_group("measurement")
     g.add_argument("--rounds", type=int, default=7, help="timed rounds")
     g.add_argument("--warmup-rounds", type=int, default=1)
@@ -159,6 +167,14 @@ def variant_flags(cli):
         out[f"parallel_ss_k{k}"] = ["--criterion", "parallel_ss", "--ss-num-passes", str(k), *ss]
     if not cli.no_sequential:
         out["sequential_ss"] = ["--criterion", "sequential_ss", *ss]
+    dss = ["--criterion", "differentiable_ss", "--ss-prob", str(cli.ss_prob), "--ss-schedule", "constant",
+           "--dss-mode", cli.dss_mode, "--dss-alpha", str(cli.dss_alpha)]  # fmt: skip
+    for k in [int(x) for x in cli.dss_passes.split(",") if x.strip()]:
+        out[f"dss_parallel_k{k}"] = [*dss, "--dss-decoding", "parallel", "--dss-num-passes", str(k)]
+    for top in [int(x) for x in cli.dss_top_k.split(",") if x.strip()]:
+        out[f"dss_parallel_k1_top{top}"] = [*dss, "--dss-decoding", "parallel", "--dss-top-k", str(top)]
+    if cli.dss_sequential:
+        out["dss_sequential"] = [*dss, "--dss-decoding", "sequential"]
     return out
 
 
@@ -267,6 +283,13 @@ def _ratio_rows(med, names):
                          ">= 0.85 (paper's tensor2tensor figure: 0.74)" if n.split("+")[0].endswith("_k1") else ""))
     if "parallel_ss_k1" in med and "sequential_ss" in med:
         rows.append(("parallel_ss_k1 / sequential_ss", med["parallel_ss_k1"] / med["sequential_ss"], ">= 50"))
+    for n in names:
+        if n.startswith("dss_") and tf and n in med:
+            rows.append((f"{n} / teacher_forcing", med[n] / tf, ">= 0.7" if n.startswith("dss_parallel_k1") else ""))
+    for a, b in (("dss_parallel_k1", "dss_sequential"), ("dss_sequential", "sequential_ss"),
+                 ("dss_parallel_k1", "sequential_ss")):
+        if a in med and b in med:
+            rows.append((f"{a} / {b}", med[a] / med[b], ""))
     return rows
 
 
@@ -294,7 +317,8 @@ def render(bench, results, cli, wall):
         f"(--max-tokens {cli.max_tokens}) of {tok_per_batch} target tokens / {sents} sentences",
         "- step = task.train_step (criterion forward + backward) + optimizer.step (adam); weights and optimizer state "
         f"restored before every step; rounds interleaved with rotated order, {cli.warmup_rounds} warm-up round(s) discarded",
-        f"- parallel_ss / sequential_ss: --ss-prob {cli.ss_prob} --ss-conditioning {cli.ss_conditioning} (constant schedule)",
+        f"- parallel_ss / sequential_ss: --ss-prob {cli.ss_prob} --ss-conditioning {cli.ss_conditioning} (constant schedule); "
+        f"differentiable_ss: --ss-prob {cli.ss_prob} --ss-schedule constant --dss-mode {cli.dss_mode} --dss-alpha {cli.dss_alpha}",
         "- tokens/s = target tokens of a round's batches / their summed step time; medians over rounds. "
         "'wall' is elapsed time; 'CPU' is the process's CPU time (robust to being descheduled on a shared machine)",
         f"- wall time of the benchmark: {wall / 60:.1f} min",
@@ -314,7 +338,7 @@ def render(bench, results, cli, wall):
     crows = dict((k, v) for k, v, _ in _ratio_rows(cmed, names))
     lines += ["", "| ratio of median tokens/s | wall | CPU | target |", "|---|---:|---:|---|"]
     for k, v, target in _ratio_rows(med, names):
-        fmt = "{:.1f}" if "sequential" in k else "{:.3f}"
+        fmt = "{:.1f}" if k.endswith("/ sequential_ss") and k.startswith("parallel") else "{:.3f}"
         lines.append(f"| {k} | {fmt.format(v)} | {fmt.format(crows[k])} | {target} |")
     return "\n".join(lines) + "\n"
 
@@ -350,7 +374,7 @@ def main(cli):
         timed_idx = r - cli.warmup_rounds
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            if n == "sequential_ss" and not warm and timed_idx >= cli.seq_rounds:
+            if "sequential" in n and not warm and timed_idx >= cli.seq_rounds:
                 continue
             tokens, walls, cpus = bench.run_variant(n)
             rec = {"round": r, "warmup": warm, "variant": n, "tokens": tokens,

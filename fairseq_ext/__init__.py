@@ -13,3 +13,8 @@ install_checkpoint_allowlist()
 # Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
 from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401
+from fairseq_ext.models import seq2seq_tagger  # noqa: E402,F401
+from fairseq_ext.scoring import span_f1  # noqa: E402,F401
+from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
+from fairseq_ext.tasks import tagging  # noqa: E402,F401
+from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401

@@ -42,8 +42,16 @@ def logged(log, key):
         (["--arch", "fconv", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--decoder-out-embed-dim", "16",
           "--encoder-layers", "[(16, 3)] * 2", "--decoder-layers", "[(16, 3)] * 2"],
          ["--criterion", "parallel_ss", "--ss-prob", "0.25", "--ss-temperature", "0.8"]),
+        (cli.TINY_TRANSFORMER, ["--criterion", "differentiable_ss", "--dss-decoding", "parallel", "--dss-num-passes",
+                                "2", "--dss-mode", "sample", "--dss-alpha", "1", "--dss-alpha-schedule", "exponential",
+                                "--dss-alpha-growth", "1.5", "--dss-alpha-period-updates", "4",
+                                "--ss-inverse-sigmoid-k", "3", "--ss-warmup-updates", "2"]),
+        (["--arch", "lstm", "--encoder-embed-dim", "16", "--decoder-embed-dim", "16", "--encoder-hidden-size", "16",
+          "--decoder-hidden-size", "16", "--decoder-out-embed-dim", "16"],
+         ["--criterion", "differentiable_ss", "--ss-prob", "0.5", "--ss-schedule", "constant", "--dss-alpha", "5"]),
     ],
-    ids=["parallel_ss-transformer", "sequential_ss-lstm", "parallel_ss-fconv"],
+    ids=["parallel_ss-transformer", "sequential_ss-lstm", "parallel_ss-fconv", "differentiable_ss-parallel-transformer",
+         "differentiable_ss-sequential-lstm"],
 )  # fmt: skip
 def test_train_then_generate(translation_data, tmp_path, arch_flags, criterion_flags):
     save = str(tmp_path / "ckpt")
@@ -53,7 +61,12 @@ def test_train_then_generate(translation_data, tmp_path, arch_flags, criterion_f
     assert probs and max(probs) > 0, log[-3000:]
     assert all(0.0 <= v <= 1.0 for v in logged(log, "ss_replaced"))
     if "--ss-warmup-updates" in criterion_flags:
-        assert probs[:2] == [0.0, 0.0] and probs[-1] == 0.5  # warm-up, then the ramp reaches p
+        assert probs[:2] == [0.0, 0.0] and probs[-1] > 0  # warm-up, then the schedule rises
+        if "parallel_ss" in criterion_flags:
+            assert probs[-1] == 0.5  # the ramp reaches p
+    if "differentiable_ss" in criterion_flags:
+        alphas = logged(log, "dss_alpha")
+        assert alphas and (alphas[-1] > alphas[0] if "exponential" in criterion_flags else set(alphas) == {5.0})
     out = cli.generate(translation_data, os.path.join(save, "checkpoint_last.pt"), ["--beam", "2"])
     assert len(cli.hypotheses(out)) == 37  # every test sentence (37: not a multiple of 8)
 

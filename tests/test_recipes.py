@@ -107,7 +107,12 @@ def pipelines(tmp_path_factory):
     return results
 
 
-BLEU_LINE = re.compile(r"^BLEU (baseline|parallel_ss)/(beam5|greedy) = (\d+\.\d+) .*signature nrefs:1\|case:mixed", re.M)
+BLEU_LINE = re.compile(r"^BLEU (baseline|parallel_ss|dss_greedy|dss_sample)/(beam5|greedy) = (\d+\.\d+) .*signature nrefs:1\|case:mixed", re.M)
+# the models each recipe trains: the baseline and its stage-2 methods
+MODELS = {"multi30k": ("baseline", "parallel_ss"), "wmt14_en_de": ("baseline", "parallel_ss"),
+          "iwslt14_de_en": ("baseline", "parallel_ss", "dss_greedy", "dss_sample")}  # fmt: skip
+CRITERION = {"baseline": "label_smoothed_cross_entropy", "parallel_ss": "parallel_ss",
+             "dss_greedy": "differentiable_ss", "dss_sample": "differentiable_ss"}  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPE_ARGS))
@@ -119,11 +124,12 @@ def test_smoke_pipeline(pipelines, recipe):
     for stage in (1, 2, 3, 4):
         assert f"stage {stage}:" in out
     # one sacreBLEU line per model and decoding, with its signature
+    models = MODELS[recipe]
     found = {(m.group(1), m.group(2)) for m in BLEU_LINE.finditer(out)}
-    assert found == {(m, d) for m in ("baseline", "parallel_ss") for d in ("beam5", "greedy")}, out[-3000:]
+    assert found == {(m, d) for m in models for d in ("beam5", "greedy")}, out[-3000:]
     # every test sentence got exactly one hypothesis, in every decoding
-    assert out.count(f"hypotheses: {N_TEST} / {N_TEST} test sentences") == 4
-    for model in ("baseline", "parallel_ss"):
+    assert out.count(f"hypotheses: {N_TEST} / {N_TEST} test sentences") == 2 * len(models)
+    for model in models:
         for decode in ("beam5", "greedy"):
             with open(os.path.join(exp, model, f"test.{decode}.hyp"), encoding="utf-8") as f:
                 hyps = f.read().splitlines()
@@ -135,15 +141,18 @@ def test_smoke_pipeline(pipelines, recipe):
             assert f"--beam {5 if decode == 'beam5' else 1} " in gen_cmd
         with open(os.path.join(exp, model, "train.cmd"), encoding="utf-8") as f:
             train_cmd = f.read()
-        assert ("--criterion parallel_ss" in train_cmd) == (model == "parallel_ss")
-    # the method was active: p = 0.5 and some conditioning tokens came from the model
-    with open(os.path.join(exp, "parallel_ss", "train.log"), encoding="utf-8") as f:
-        epoch_lines = [ln for ln in f if re.search(r"\| train \| epoch 001", ln)]
-    assert epoch_lines and "ss_prob 0.5" in epoch_lines[-1]
-    assert float(re.search(r"ss_from_model ([0-9.]+)", epoch_lines[-1]).group(1)) > 0.1
+        assert f"--criterion {CRITERION[model]} " in train_cmd
+        if model.startswith("dss_"):
+            assert f"--dss-mode {model[4:]} " in train_cmd
+    # each method was active: p = 0.5 and some conditioning inputs came from the model
+    for model in models[1:]:
+        with open(os.path.join(exp, model, "train.log"), encoding="utf-8") as f:
+            epoch_lines = [ln for ln in f if re.search(r"\| train \| epoch 001", ln)]
+        assert epoch_lines and "ss_prob 0.5" in epoch_lines[-1]
+        assert float(re.search(r"ss_from_model ([0-9.]+)", epoch_lines[-1]).group(1)) > 0.1
     # results and the tee'd log land in the experiment directory; the reference is the raw text
     with open(os.path.join(exp, "results.txt"), encoding="utf-8") as f:
-        assert len(BLEU_LINE.findall(f.read())) == 4
+        assert len(BLEU_LINE.findall(f.read())) == 2 * len(models)
     assert os.path.getsize(os.path.join(exp, "run.log")) > 0
     assert f"raw reference {r['data']}/raw/test.{tgt}" in out
 
@@ -156,6 +165,18 @@ def test_run_selects_stages(pipelines):
     assert rc == 0, out
     assert "stage 4:" in out and "stage 1:" not in out and "stage 3:" not in out
     assert len(BLEU_LINE.findall(out)) == 4
+
+
+def test_run_selects_methods(pipelines):
+    """--methods narrows stages 2-4 to the named methods (plus the baseline); an unknown name fails."""
+    r = pipelines["iwslt14_de_en"]
+    assert r["rc"] == 0
+    rc, out = bash(script("iwslt14_de_en", "run.sh"), r["data"], r["exp"], "--stage", "4", "--stop-stage", "4",
+                   "--methods", "dss_greedy", "--smoke")  # fmt: skip
+    assert rc == 0, out
+    assert {m.group(1) for m in BLEU_LINE.finditer(out)} == {"baseline", "dss_greedy"}
+    rc, out = bash(script("iwslt14_de_en", "run.sh"), r["data"], r["exp"], "--methods", "dss_argmax", "--smoke")
+    assert rc != 0 and "--methods: unknown method 'dss_argmax'" in out and "dss_greedy" in out
 
 
 def test_prepare_force_keeps_user_files(pipelines):

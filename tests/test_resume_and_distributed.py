@@ -211,3 +211,49 @@ def test_sequential_ss_trains_with_two_workers(reverse_data_bin, tmp_path):
     assert all(f > 0.0 for _, f in logged(log, "ss_from_model"))  # the model's tokens were fed
     _, n = model_weights(str(tmp_path / "seq"))
     assert n == 2
+
+
+# -- c. differentiable_ss: annealed alpha and sampled relaxations resume exactly; 2 workers ------------
+DSS_FLAGS = [
+    "--criterion", "differentiable_ss", "--dss-mode", "sample", "--ss-inverse-sigmoid-k", "2",
+    "--dss-alpha", "1", "--dss-alpha-schedule", "exponential", "--dss-alpha-growth", "2",
+    "--dss-alpha-period-updates", "3", "--dss-decoding", "parallel", "--dss-num-passes", "2",
+]  # fmt: skip
+
+
+def test_differentiable_ss_resumes_exactly(reverse_data_bin, tmp_path):
+    flags = COMMON + DSS_FLAGS
+    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    straight = cli.train(reverse_data_bin, straight_dir, flags + ["--max-update", "6"])
+    first = cli.train(reverse_data_bin, resumed_dir, flags + ["--max-update", "3"])
+    second = cli.train(reverse_data_bin, resumed_dir, flags + ["--max-update", "6"])
+    alphas = logged(first, "dss_alpha") + logged(second, "dss_alpha")
+    assert alphas == logged(straight, "dss_alpha")
+    assert [a for _, a in alphas] == [pytest.approx(2 ** ((u - 1) / 3), abs=1e-4) for u in range(1, 7)]
+    assert logged(first, "loss") + logged(second, "loss") == logged(straight, "loss")
+    assert bitwise_equal(model_weights(straight_dir)[0], model_weights(resumed_dir)[0])
+
+
+def test_differentiable_ss_two_workers_equal_one_worker_with_update_freq_2(reverse_data_bin, tmp_path):
+    # deterministic: p = 1 (every coin picks the model) and greedy relaxations draw no random numbers
+    flags = COMMON + ["--criterion", "differentiable_ss", "--ss-prob", "1", "--ss-schedule", "constant",
+                      "--dss-alpha", "2", "--dss-decoding", "parallel", "--dss-num-passes", "2",
+                      "--max-epoch", "1"]  # fmt: skip
+    single_dir, double_dir = str(tmp_path / "single"), str(tmp_path / "double")
+    single = cli.run_cli("fairseq-train", train_args(reverse_data_bin, single_dir, flags + ["--update-freq", "2"]))
+    double = train_distributed(reverse_data_bin, double_dir, flags, tmp_path)
+    assert "training on 2 devices" in double
+    assert logged(double, "loss") == logged(single, "loss") and len(logged(double, "loss")) == 2
+    (single_weights, _), (double_weights, _) = model_weights(single_dir), model_weights(double_dir)
+    diff = max_abs_diff(single_weights, double_weights)
+    print(f"differentiable_ss, 2 workers vs 1 worker --update-freq 2: max |dW| = {diff!r}")
+    assert diff == 0.0
+
+
+def test_sequential_differentiable_ss_trains_with_two_workers(reverse_data_bin, tmp_path):
+    flags = COMMON + ["--criterion", "differentiable_ss", "--ss-prob", "0.5", "--ss-schedule", "constant",
+                      "--max-epoch", "1", "--no-epoch-checkpoints"]  # fmt: skip
+    log = train_distributed(reverse_data_bin, str(tmp_path / "seq"), flags, tmp_path)
+    assert "training on 2 devices" in log
+    assert all(0.0 < loss < 100.0 for _, loss in logged(log, "loss"))
+    assert all(f > 0.0 for _, f in logged(log, "ss_from_model"))

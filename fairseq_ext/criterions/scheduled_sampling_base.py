@@ -1,6 +1,7 @@
-"""What parallel_ss and sequential_ss share: their options, the schedule, logging and the loss.
+"""What parallel_ss, sequential_ss and differentiable_ss share: the mixing schedule's options,
+the update count, logging and the loss.
 
-Both subclass fairseq's label-smoothed cross-entropy and reuse its loss (``label_smoothed_nll_loss``
+All subclass fairseq's label-smoothed cross-entropy and reuse its loss (``label_smoothed_nll_loss``
 through ``compute_loss``), accuracy and metrics; only the decoder inputs of the loss pass change.
 Scheduled sampling applies in training only: validation is teacher-forced, as in tensor2tensor
 ("only in TRAIN mode"), so validation losses stay comparable with a teacher-forced baseline.
@@ -23,7 +24,7 @@ from fairseq_ext.modules.update_count import UpdateCountReader
 
 
 @dataclass
-class ScheduledSamplingConfig(LabelSmoothedCrossEntropyCriterionConfig):
+class MixingScheduleConfig(LabelSmoothedCrossEntropyCriterionConfig):
     ss_prob: float = field(
         default=0.5,
         metadata={
@@ -59,6 +60,10 @@ class ScheduledSamplingConfig(LabelSmoothedCrossEntropyCriterionConfig):
             "k/(k+exp(u/k)) at update u; required by --ss-schedule inverse_sigmoid, rejected by the others"
         },
     )
+
+
+@dataclass
+class ScheduledSamplingConfig(MixingScheduleConfig):
     ss_conditioning: CONDITIONING_CHOICES = field(
         default="sample",
         metadata={
@@ -82,30 +87,31 @@ def check_conditioning_arguments(conditioning: str, temperature: Optional[float]
         raise ValueError(f"--ss-temperature must be > 0, got {temperature}")
 
 
-class ScheduledSamplingCriterionBase(LabelSmoothedCrossEntropyCriterion):
-    """Label-smoothed cross-entropy conditioned on scheduled-sampling inputs.
+class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed cross-entropy conditioned on decoder inputs that mix gold and model predictions.
 
     Subclasses define ``conditioned_forward(driver, sample, prob)``, returning the net_output of the
-    loss pass, the B x T conditioning tokens and the B x T bool mask of tokens the model supplied.
+    loss pass, the B x T conditioning tokens (for a relaxation: the argmax ids of the soft inputs)
+    and the B x T bool mask of inputs the model supplied.
     """
 
     criterion_name = "scheduled_sampling"
 
-    def __init__(self, task, cfg: ScheduledSamplingConfig):
+    def __init__(self, task, cfg: MixingScheduleConfig, default_inverse_sigmoid_k: Optional[float] = None):
         # fairseq's build_criterion passes the whole config to a parameter named cfg
         super().__init__(
             task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy
         )
+        inverse_sigmoid_k = cfg.ss_inverse_sigmoid_k
+        if str(cfg.ss_schedule) == "inverse_sigmoid" and inverse_sigmoid_k is None:
+            inverse_sigmoid_k = default_inverse_sigmoid_k
         self.schedule = MixingSchedule(
             name=str(cfg.ss_schedule),
             max_prob=cfg.ss_prob,
             warmup_updates=cfg.ss_warmup_updates,
             ramp_updates=cfg.ss_ramp_updates,
-            inverse_sigmoid_k=cfg.ss_inverse_sigmoid_k,
+            inverse_sigmoid_k=inverse_sigmoid_k,
         )
-        check_conditioning_arguments(cfg.ss_conditioning, cfg.ss_temperature)
-        self.conditioning = str(cfg.ss_conditioning)
-        self.temperature = 1.0 if cfg.ss_temperature is None else cfg.ss_temperature
         self.update_count = UpdateCountReader()
         self._driver: Optional[DecoderDriver] = None
 
@@ -121,9 +127,6 @@ class ScheduledSamplingCriterionBase(LabelSmoothedCrossEntropyCriterion):
         if self._driver is None or self._driver.model is not model:
             self._driver = DecoderDriver(model, self.criterion_name)  # raises for a model it cannot drive
         return self._driver
-
-    def draw(self, lprobs):
-        return draw_tokens(lprobs, self.conditioning, self.temperature, banned=(self.padding_idx,))
 
     def forward(self, model, sample, reduce=True):
         """Compute the loss for the given sample.
@@ -156,11 +159,16 @@ class ScheduledSamplingCriterionBase(LabelSmoothedCrossEntropyCriterion):
             "ss_replaced": utils.item((tokens.ne(gold) & replaceable).sum()),
             "ss_from_model": 0 if from_model is None else utils.item((from_model & replaceable).sum()),
         }
+        logging_output.update(self.extra_logging_output())
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
             logging_output["total"] = utils.item(total.data)
         return loss, sample_size, logging_output
+
+    def extra_logging_output(self) -> dict:
+        """Further per-batch logging values of a subclass."""
+        return {}
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -178,6 +186,19 @@ class ScheduledSamplingCriterionBase(LabelSmoothedCrossEntropyCriterion):
             # fraction of conditioning tokens that differ from gold / that the model supplied
             metrics.log_scalar("ss_replaced", total("ss_replaced") / positions, positions, round=4)
             metrics.log_scalar("ss_from_model", total("ss_from_model") / positions, positions, round=4)
+
+
+class ScheduledSamplingCriterionBase(MixingCriterionBase):
+    """Hard scheduled sampling: the model's inputs are tokens it samples or argmaxes (--ss-conditioning)."""
+
+    def __init__(self, task, cfg: ScheduledSamplingConfig):
+        super().__init__(task, cfg)
+        check_conditioning_arguments(cfg.ss_conditioning, cfg.ss_temperature)
+        self.conditioning = str(cfg.ss_conditioning)
+        self.temperature = 1.0 if cfg.ss_temperature is None else cfg.ss_temperature
+
+    def draw(self, lprobs):
+        return draw_tokens(lprobs, self.conditioning, self.temperature, banned=(self.padding_idx,))
 
 
 def stack_net_output(step_outputs: torch.Tensor):

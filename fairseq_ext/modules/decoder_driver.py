@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional
 import torch
 from fairseq.distributed import LegacyDistributedDataParallel, ModuleProxyWrapper
 from fairseq.modules import LinearizedConvolution
+from fairseq.models.transformer import TransformerDecoderBase
+from fairseq_ext.modules.embedding_inputs import embeddings_as_inputs
 from fairseq.models import (
     BaseFairseqModel,
     FairseqDecoder,
@@ -171,6 +173,99 @@ class DecoderDriver:
 
     def log_probs(self, net_output) -> torch.Tensor:
         return self.inner.get_normalized_probs(net_output, log_probs=True)
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        """N x V scores whose softmax is the model's distribution, from N x C decoder outputs, with
+        gradient: the outputs themselves for a plain softmax layer, else log-probabilities."""
+        if self.plain_softmax_output:
+            return outputs
+        return self.inner.get_normalized_probs((outputs.unsqueeze(1), None), log_probs=True).squeeze(1)
+
+    # -- inputs given as embedding vectors (relaxations) ----------------------------------------
+    def input_embedding_matrix(self) -> torch.Tensor:
+        """The V x D matrix whose rows the decoder embeds tokens with: soft embeddings mix its rows.
+
+        Raises UnsupportedModelError for decoders without a plain embedding table (adaptive input,
+        character embeddings), where a mixture of token embeddings is not defined.
+        """
+        embed = getattr(self.decoder, "embed_tokens", None)
+        weight = getattr(embed, "weight", None)
+        if not isinstance(embed, torch.nn.Embedding) or weight is None or weight.dim() != 2:
+            raise UnsupportedModelError(
+                f"--criterion {self.criterion_name} feeds the decoder mixtures of its token embeddings, so the "
+                f"decoder needs a plain embedding table (torch.nn.Embedding as decoder.embed_tokens); "
+                f"{type(self.decoder).__name__} has {type(embed).__name__}. Drop --adaptive-input / character "
+                "embeddings or choose another --arch."
+            )
+        return weight
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """B x T x D embeddings of ``tokens``, the decoder's own lookup (with gradient)."""
+        return self.decoder.embed_tokens(tokens)
+
+    def forward_from_embeddings(self, sample, tokens, vectors, encoder_out=None):
+        """:meth:`forward` with the decoder fed ``vectors`` (B x T x D) in place of the embeddings of ``tokens``."""
+        with embeddings_as_inputs(self.decoder, vectors):
+            return self.forward(sample, tokens, encoder_out)
+
+    def selected_scores_from_embeddings(self, sample, tokens, vectors, select, encoder_out=None) -> torch.Tensor:
+        """:meth:`selected_scores` with the decoder fed ``vectors``, keeping the graph."""
+        width = tokens.size(1)
+        if self.direct and self.can_project_subset and (encoder_out is not None or self.kind == LANGUAGE_MODEL):
+            width = int(select.any(0).nonzero()[-1]) + 1  # the causal decoder needs no later inputs
+        with embeddings_as_inputs(self.decoder, vectors[:, :width]):
+            return self.selected_scores(sample, tokens[:, :width], select[:, :width], encoder_out)
+
+    def selected_candidate_scores_from_embeddings(
+        self, sample, tokens, vectors, select, rank, top_k: int, encoder_out=None
+    ):
+        """Scores of ``top_k`` candidates per selected output, for a relaxation restricted to them.
+
+        ``rank(scores)`` maps the N x V scores (no gradient) to the values whose top ``top_k`` are the
+        candidates (e.g. scores plus Gumbel noise, padding at -inf).  Returns (N x k scores with
+        gradient, N x k candidate ids).  When the decoder's output layer is a known linear map, only
+        the candidates' rows of it enter the graph, so the backward pass skips the N x V x D
+        projection gradient; otherwise the full scores are computed with gradient and gathered.
+        """
+        linear = self.output_linear()
+        width = int(select.any(0).nonzero()[-1]) + 1
+        if linear is not None and self.direct and self.can_project_subset and (
+            encoder_out is not None or self.kind == LANGUAGE_MODEL
+        ):
+            with embeddings_as_inputs(self.decoder, vectors[:, :width]):
+                features, _ = self.decoder.extract_features(tokens[:, :width], encoder_out=encoder_out)
+            features = features[select[:, :width]]  # N x D
+            weight, bias = linear
+            with torch.no_grad():
+                candidates = rank(torch.nn.functional.linear(features, weight, bias)).topk(top_k, dim=-1).indices
+            scores = torch.einsum("nd,nkd->nk", features, weight[candidates])  # N x k
+            if bias is not None:
+                scores = scores + bias[candidates]
+            return scores, candidates
+        scores = self.selected_scores_from_embeddings(sample, tokens, vectors, select, encoder_out)  # N x V
+        with torch.no_grad():
+            candidates = rank(scores.detach()).topk(top_k, dim=-1).indices
+        return scores.gather(-1, candidates), candidates
+
+    def output_linear(self):
+        """(weight V x D, bias or None) when the decoder's output layer is ``features @ weight.T + bias``
+        and its softmax is the model's distribution; else None."""
+        if not self.plain_softmax_output or getattr(self.decoder, "adaptive_softmax", None) is not None:
+            return None
+        projection = getattr(self.decoder, "output_projection", None)
+        # fairseq's transformer decoders project with output_projection; another decoder can declare
+        # that its output_layer is exactly its output_projection (LINEAR_OUTPUT_PROJECTION = True)
+        linear_output = (
+            isinstance(self.decoder, TransformerDecoderBase) and _same_method(self.decoder, "output_layer", TransformerDecoderBase)
+        ) or getattr(self.decoder, "LINEAR_OUTPUT_PROJECTION", False)
+        if linear_output and isinstance(projection, torch.nn.Linear):
+            return projection.weight, projection.bias
+        return None
+
+    def step_from_embeddings(self, prefix, prefix_vectors, encoder_out, incremental_state):
+        """:meth:`step` with the decoder fed ``prefix_vectors`` (B x t x D): B x C output, with gradient."""
+        with embeddings_as_inputs(self.decoder, prefix_vectors):
+            return self.step(prefix, encoder_out, incremental_state)
 
 
 def model_kind(model, criterion_name: str) -> str:

@@ -135,3 +135,62 @@ def check_schedule_arguments(name, max_prob, warmup_updates, ramp_updates, inver
             raise ValueError(f"{p}-inverse-sigmoid-k must be >= 1 (Bengio et al.), got {inverse_sigmoid_k}")
     elif inverse_sigmoid_k is not None:
         raise ValueError(f"{p}-inverse-sigmoid-k only applies to {p}-schedule inverse_sigmoid, not {name}: drop it")
+
+
+# -- the temperature alpha of the relaxations (differentiable scheduled sampling, soft beam search) --
+ALPHA_SCHEDULE_CHOICES = ChoiceEnum(["fixed", "exponential"])
+
+
+@dataclass(frozen=True)
+class AlphaSchedule:
+    """The peakedness ``alpha(update)`` of a relaxed argmax (Goyal et al. 2017, section 5: "varying
+    alpha exponentially (annealing) with the epochs").
+
+    ``fixed``: alpha(u) = alpha.  ``exponential``: alpha(u) = min(alpha_max, alpha * growth ** (s / period))
+    with ``s = max(0, u - start_updates)`` counted from the end of the teacher-forced warm-up, where the
+    mixing (and thus the relaxation) starts.  The paper grows alpha once per epoch; here the period
+    is a number of updates (an epoch's worth reproduces the paper), and the curve is continuous.
+    """
+
+    name: str
+    alpha: float
+    growth: Optional[float] = None
+    period_updates: Optional[int] = None
+    alpha_max: Optional[float] = None
+    start_updates: int = 0
+
+    def __post_init__(self):
+        check_alpha_arguments(self.name, self.alpha, self.growth, self.period_updates, self.alpha_max)
+
+    def __call__(self, num_updates: int) -> float:
+        if self.name == "fixed":
+            return self.alpha
+        steps = max(0, num_updates - self.start_updates) / self.period_updates
+        log_alpha = math.log(self.alpha) + steps * math.log(self.growth)
+        alpha = math.exp(min(log_alpha, 700.0))  # 700: exp would overflow a double past ~709.8
+        return alpha if self.alpha_max is None else min(alpha, self.alpha_max)
+
+
+def check_alpha_arguments(name, alpha, growth, period_updates, alpha_max, flag_prefix="--dss-alpha"):
+    """Raises ValueError naming the flag when the combination is impossible or an option would be ignored."""
+    p = flag_prefix
+    choices = list(ALPHA_SCHEDULE_CHOICES)
+    if str(name) not in choices:
+        raise ValueError(f"{p}-schedule {name!r} is unknown; choose one of {choices}")
+    if not alpha > 0.0 or math.isinf(alpha):
+        raise ValueError(f"{p} must be a finite number > 0, got {alpha}")
+    if str(name) == "fixed":
+        for flag, value in ((f"{p}-growth", growth), (f"{p}-period-updates", period_updates), (f"{p}-max", alpha_max)):
+            if value is not None:
+                raise ValueError(f"{flag} only applies to {p}-schedule exponential, not fixed: drop it")
+        return
+    if growth is None or period_updates is None:
+        raise ValueError(
+            f"{p}-schedule exponential multiplies alpha by {p}-growth G every {p}-period-updates N updates: set both"
+        )
+    if not growth > 0.0:
+        raise ValueError(f"{p}-growth must be > 0 (> 1 sharpens the relaxation over training), got {growth}")
+    if period_updates < 1:
+        raise ValueError(f"{p}-period-updates must be >= 1, got {period_updates}")
+    if alpha_max is not None and not alpha_max > 0.0:
+        raise ValueError(f"{p}-max must be > 0, got {alpha_max}")

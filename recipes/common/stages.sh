@@ -2,17 +2,23 @@
 #
 # run.sh parses its arguments with parse_run_args, defines its flag groups, then calls run_stages.
 # Flag groups a run.sh defines (bash arrays): MODEL, REG, OPTIM, BATCH, LENGTH (when to stop),
-# SS (parallel_ss flags), and GEN (extra decoding flags).  Stages:
+# GEN (extra decoding flags), METHODS (the methods of stage 2, default: parallel_ss) and, for each
+# method M, FLAGS_M: its criterion flags (FLAGS_parallel_ss defaults to --criterion parallel_ss SS);
+# methods named dss_* also get DSS_MIX, the gold-mixing schedule of differentiable_ss.
+# Stages:
 #   1  baseline: teacher-forced training (label_smoothed_cross_entropy)   -> EXP_DIR/baseline
-#   2  method:   parallel scheduled sampling (parallel_ss)                 -> EXP_DIR/parallel_ss
+#   2  methods:  each of METHODS (parallel_ss, dss_greedy, ...)            -> EXP_DIR/<method>
 #   3  generate: beam 5 and greedy on the test set, one hypothesis per test sentence checked
 #   4  score:    sacreBLEU of the decoded hypotheses against the raw reference -> EXP_DIR/results.txt
+# --methods a,b (run.sh option) restricts stages 2-4 to those methods (and the baseline).
 
 STAGE=1
 STOP_STAGE=4
 SMOKE=${SMOKE:-0}
 SEED=${SEED:-1}
-MODELS=(baseline parallel_ss)
+METHODS=(parallel_ss)
+DSS_MIX=()
+ONLY_METHODS=
 DECODES=(beam5 greedy)
 
 parse_run_args() {
@@ -22,12 +28,13 @@ parse_run_args() {
       --stage) STAGE=$2; shift 2 ;;
       --stop-stage) STOP_STAGE=$2; shift 2 ;;
       --smoke) SMOKE=1; shift ;;
+      --methods) ONLY_METHODS=$2; shift 2 ;;
       -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
       -*) die "unknown option $1" ;;
       *) pos+=("$1"); shift ;;
     esac
   done
-  [ ${#pos[@]} -eq 2 ] || die "usage: $0 DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--smoke]"
+  [ ${#pos[@]} -eq 2 ] || die "usage: $0 DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--methods a,b] [--smoke]"
   [[ $STAGE =~ ^[1-4]$ && $STOP_STAGE =~ ^[1-4]$ ]] || die "--stage and --stop-stage take 1..4"
   [ "$STAGE" -le "$STOP_STAGE" ] || die "--stage $STAGE is after --stop-stage $STOP_STAGE"
   DATA_DIR=${pos[0]}
@@ -119,20 +126,49 @@ use_smoke_settings() {
   BATCH=(--max-tokens 2000 --num-workers 0)
   LENGTH=(--max-epoch 1)
   SS=(--ss-prob 0.5 --ss-num-passes 2)
+  FLAGS_parallel_ss=(--criterion parallel_ss "${SS[@]}")
+  DSS_MIX=(--ss-schedule constant --ss-prob 0.5)   # the dss_* methods mix from the first update
   GEN=(--max-len-a 1.2 --max-len-b 10)
+}
+
+# METHODS, narrowed to --methods; every name must have its FLAGS_<name> array.
+select_methods() {
+  if [ -z "${FLAGS_parallel_ss+x}" ]; then FLAGS_parallel_ss=(--criterion parallel_ss "${SS[@]}"); fi
+  if [ -n "$ONLY_METHODS" ]; then
+    local wanted m known
+    IFS=, read -r -a wanted <<< "$ONLY_METHODS"
+    for m in "${wanted[@]}"; do
+      known=0; for k in "${METHODS[@]}"; do [ "$k" = "$m" ] && known=1; done
+      [ "$known" = 1 ] || die "--methods: unknown method '$m'; this recipe has: ${METHODS[*]}"
+    done
+    METHODS=("${wanted[@]}")
+  fi
+  local name
+  for name in "${METHODS[@]}"; do
+    declare -p "FLAGS_$name" > /dev/null 2>&1 || die "recipe error: method $name has no FLAGS_$name array"
+  done
+  MODELS=(baseline "${METHODS[@]}")
 }
 
 run_stages() {
   if [ "$SMOKE" = 1 ]; then
     use_smoke_settings
   fi
+  select_methods
   if stage_on 1; then
     phase "stage 1: baseline, teacher forcing"
     train_model baseline --criterion label_smoothed_cross_entropy
   fi
   if stage_on 2; then
-    phase "stage 2: parallel scheduled sampling (${SS[*]})"
-    train_model parallel_ss --criterion parallel_ss "${SS[@]}"
+    local method
+    for method in "${METHODS[@]}"; do
+      local -n method_flags="FLAGS_$method"
+      local extra=()
+      case $method in dss_*) extra=("${DSS_MIX[@]}") ;; esac
+      phase "stage 2: $method (${method_flags[*]} ${extra[*]})"
+      train_model "$method" "${method_flags[@]}" "${extra[@]}"
+      unset -n method_flags
+    done
   fi
   if stage_on 3; then
     phase "stage 3: generate (beam 5 and greedy) on test"

@@ -128,6 +128,29 @@ def bleu(args):
     print(f"BLEU {args.name} = {score.score:.2f}  ({score}; sacreBLEU signature {metric.get_signature()})")
 
 
+def tagscore(args):
+    """conlleval's span F1 (and tag accuracy) of hypothesis tag lines against reference tag lines."""
+    from fairseq_ext.scoring.span_f1 import conlleval_report, evaluate, precision_recall_f1
+
+    with open(args.hyp, encoding="utf-8") as f:
+        hyp = [line.split() for line in f]
+    with open(args.ref, encoding="utf-8") as f:
+        ref = [line.split() for line in f]
+    if len(hyp) != len(ref):
+        sys.exit(f"ERROR: {args.hyp} has {len(hyp)} lines but the reference {args.ref} has {len(ref)}")
+    try:
+        counts = evaluate(ref, hyp)
+    except ValueError as e:
+        sys.exit(f"ERROR: {args.hyp} vs {args.ref}: {e}")
+    p, r, f1 = precision_recall_f1(counts.correct_chunks, counts.gold_chunks, counts.guessed_chunks)
+    accuracy = 100.0 * counts.correct_tags / max(counts.tokens, 1)
+    print(f"F1 {args.name} = {f1:.2f}  (precision {p:.2f}, recall {r:.2f}, tag accuracy {accuracy:.2f}; "
+          f"conlleval chunks over {counts.tokens} tokens)")
+    if args.report:
+        with open(args.report, "w", encoding="utf-8") as out:
+            out.write(conlleval_report(counts) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -177,6 +200,12 @@ def main(argv=None):
     s.add_argument("ref")
     s.set_defaults(fn=bleu)
 
+    s = sub.add_parser("tagscore", help="conlleval span F1 and tag accuracy of tag lines")
+    s.add_argument("--name", required=True)
+    s.add_argument("--report", help="also write conlleval's per-type report here")
+    s.add_argument("hyp")
+    s.add_argument("ref")
+    s.set_defaults(fn=tagscore)
     args = p.parse_args(argv)
     args.fn(args)
 

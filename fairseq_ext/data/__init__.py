@@ -1,0 +1,1 @@
+"""Data preparation: converters from external formats to the aligned text files fairseq-preprocess reads."""
