@@ -11,10 +11,11 @@ from fairseq_ext.checkpoint_safety import install_checkpoint_allowlist
 install_checkpoint_allowlist()
 
 # Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
+from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401
 from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
+from fairseq_ext.criterions import self_normalized_cross_entropy  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401
 from fairseq_ext.models import seq2seq_tagger  # noqa: E402,F401
 from fairseq_ext.scoring import span_f1  # noqa: E402,F401
 from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
 from fairseq_ext.tasks import tagging  # noqa: E402,F401
-from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401

@@ -119,6 +119,9 @@ def test_warmup_is_teacher_forced_and_both_schedules_follow_the_update_count():
     assert log["dss_alpha_sum"] == 10.0  # 2 * 3**10, capped
     dss.set_num_updates(3 + 1)
     assert dss.current_alpha() == pytest.approx(2 * 3**0.5)
+    model.eval()  # validation: teacher-forced, and alpha is not logged (it does not apply)
+    _, _, log = dss(model, sample)
+    assert log["ss_prob_sum"] == 0.0 and "dss_alpha_sum" not in log
 
 
 def test_default_gold_mixing_is_the_inverse_sigmoid_of_the_paper():

@@ -33,8 +33,12 @@ from fairseq_ext.modules.differentiable_scheduled_sampling import (
     parallel_differentiable_ss,
     sequential_differentiable_ss,
 )
-from fairseq_ext.modules.embedding_inputs import soft_embeddings
-from fairseq_ext.modules.relaxations import RELAXATION_CHOICES, gumbel_noise, peaked_softmax
+from fairseq_ext.modules.relaxations import (
+    RELAXATION_CHOICES,
+    gumbel_noise,
+    relaxation_ranking,
+    relaxed_embeddings,
+)
 from fairseq_ext.modules.scheduled_sampling import replaceable_positions
 from fairseq_ext.modules.schedules import ALPHA_SCHEDULE_CHOICES, SCHEDULE_CHOICES, AlphaSchedule
 
@@ -159,32 +163,26 @@ class DifferentiableScheduledSamplingCriterion(MixingCriterionBase):
         return {"dss_alpha_sum": self.current_alpha(), "dss_alpha_count": 1}
 
     def relaxation(self, driver, use_model):
-        """The ``relax`` callback: N x V scores of the outputs feeding input positions ``where`` (a
-        subset of ``use_model``) -> (N x D soft embeddings, N argmax ids); with ``candidates`` (N x k
-        ids, --dss-top-k) the scores are those candidates' only.  Gumbel noise is drawn once per batch
-        for the positions in ``use_model``, so every pass of the parallel mode relaxes a position with
-        the same noise.  Also returns ``rank``, which orders a row's vocabulary for --dss-top-k."""
+        """The callbacks ``relax(scores, where, candidates=None)`` -> (N x D soft embeddings, N argmax
+        ids) for the input positions ``where`` (a subset of ``use_model``), and ``rank(scores, where)``,
+        which orders the vocabulary for --dss-top-k.  Gumbel noise is drawn once per batch for the
+        positions in ``use_model``, so every pass of the parallel mode relaxes a position with the same noise."""
         embedding = driver.input_embedding_matrix()  # V x D
-        alpha = self.current_alpha()
-        dtype = torch.promote_types(embedding.dtype, torch.float32)  # the softmax in at least float32
+        alpha, banned = self.current_alpha(), (self.padding_idx,)
         noise = row_of = None
         if self.mode == "sample":
+            dtype = torch.promote_types(embedding.dtype, torch.float32)
             noise = gumbel_noise((int(use_model.sum()), embedding.size(0)), embedding.new_empty((), dtype=dtype))
             row_of = use_model.flatten().long().cumsum(0).sub_(1).view_as(use_model)  # B x T: row of noise
 
+        def noise_at(where):
+            return None if noise is None else noise[row_of[where]]  # N x V
+
         def relax(scores, where, candidates=None):
-            rows = None if noise is None else noise[row_of[where]]  # N x V
-            if candidates is None:
-                weights = peaked_softmax(scores.to(dtype), alpha, rows, banned=(self.padding_idx,))  # N x V
-                return soft_embeddings(weights, driver.decoder.embed_tokens), weights.argmax(-1)
-            scores = scores.to(dtype).masked_fill(candidates.eq(self.padding_idx), float("-inf"))
-            weights = peaked_softmax(scores, alpha, None if rows is None else rows.gather(-1, candidates))  # N x k
-            soft = torch.einsum("nk,nkd->nd", weights.to(embedding.dtype), embedding[candidates])
-            return soft, candidates.gather(-1, weights.argmax(-1, keepdim=True)).squeeze(-1)
+            return relaxed_embeddings(scores, alpha, embedding, noise_at(where), banned, candidates)
 
         def rank(scores, where):
-            ranked = scores.to(dtype) if noise is None else scores.to(dtype) + noise[row_of[where]]
-            return ranked.index_fill(-1, torch.tensor([self.padding_idx], device=ranked.device), float("-inf"))
+            return relaxation_ranking(scores, noise_at(where), banned)
 
         return relax, rank
 

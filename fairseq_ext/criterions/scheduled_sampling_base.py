@@ -159,7 +159,8 @@ class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
             "ss_replaced": utils.item((tokens.ne(gold) & replaceable).sum()),
             "ss_from_model": 0 if from_model is None else utils.item((from_model & replaceable).sum()),
         }
-        logging_output.update(self.extra_logging_output())
+        if model.training:
+            logging_output.update(self.extra_logging_output())
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)
             logging_output["n_correct"] = utils.item(n_correct.data)
@@ -167,7 +168,8 @@ class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
         return loss, sample_size, logging_output
 
     def extra_logging_output(self) -> dict:
-        """Further per-batch logging values of a subclass."""
+        """Further per-batch logging values of a subclass (training batches only: validation is
+        teacher-forced, and fairseq's validation metrics do not see the update count)."""
         return {}
 
     @classmethod

@@ -10,7 +10,7 @@ As alpha grows, the first tends to the one-hot of argmax_y s(y) and the second t
 Gumbel-max sample, i.e. a draw from softmax(s).  Both are invariant to adding a constant to every
 score of a row, so raw logits and log-probabilities give the same weights.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -46,3 +46,44 @@ def peaked_softmax(
     z = z - z.max(dim=-1, keepdim=True).values.detach()
     alpha = min(alpha, torch.finfo(z.dtype).max)  # an infinite alpha would give inf * 0 at the maximum
     return torch.softmax(alpha * z, dim=-1)
+
+
+def relaxed_embeddings(
+    scores: Tensor,
+    alpha: float,
+    embedding: Tensor,
+    noise: Optional[Tensor] = None,
+    banned: Sequence[int] = (),
+    candidates: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """The soft embedding ``sum_y e(y) w(y)`` of the relaxation, and its argmax id.
+
+    Args:
+        scores: N x V scores; with ``candidates``, N x k scores of those candidates only.
+        alpha: peakedness.
+        embedding: V x D embedding table e.
+        noise: Gumbel noise N x V for the relaxed sample (None: soft argmax); always over the vocabulary.
+        banned: ids never chosen (weight 0), e.g. padding.
+        candidates: N x k ids the relaxation is restricted to (an approximation: the other words
+            get weight 0 instead of ``exp(alpha (s_y - s_max))``).
+    Returns:
+        N x D soft embeddings (in the table's dtype) and N argmax ids.
+    """
+    dtype = torch.promote_types(embedding.dtype, torch.float32)  # the softmax in at least float32
+    scores = scores.to(dtype)
+    if candidates is None:
+        weights = peaked_softmax(scores, alpha, noise, banned=banned)  # N x V
+        return torch.matmul(weights.to(embedding.dtype), embedding), weights.argmax(-1)
+    if banned:
+        scores = scores.masked_fill(torch.isin(candidates, torch.tensor(list(banned), device=candidates.device)), float("-inf"))
+    weights = peaked_softmax(scores, alpha, None if noise is None else noise.gather(-1, candidates))  # N x k
+    soft = torch.einsum("nk,nkd->nd", weights.to(embedding.dtype), embedding[candidates])  # N x D
+    return soft, candidates.gather(-1, weights.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def relaxation_ranking(scores: Tensor, noise: Optional[Tensor] = None, banned: Sequence[int] = ()) -> Tensor:
+    """N x V values whose top k are a relaxation's k candidates: the (perturbed) scores, banned ids at -inf."""
+    ranked = scores.float() if noise is None else scores.float() + noise
+    if banned:
+        ranked = ranked.index_fill(-1, torch.tensor(list(banned), device=ranked.device), float("-inf"))
+    return ranked

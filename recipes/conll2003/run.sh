@@ -13,7 +13,7 @@
 # --smoke (or SMOKE=1): a tiny tagger for one epoch, to check the pipeline in seconds.
 # Env: SEED (1), DEVICE=auto|cpu|gpu, ARCH (seq2seq_tagger_ner; seq2seq_tagger_supertag for the
 #      512-wide model), EPOCHS (30), DSS_ALPHA (1), DSS_K (inverse sigmoid strength in updates, 1000),
-#      DSS_DECODING (sequential).
+#      DSS_DECODING (sequential), DSS_ALPHA_MAX (100, the cap of the annealed alpha).
 set -euo pipefail
 source "$(dirname "$0")/../common/lib.sh"
 source "$(dirname "$0")/../common/stages.sh"
@@ -31,7 +31,7 @@ LENGTH=(--max-epoch "${EPOCHS:-30}")
 DSS_MIX=(--ss-schedule inverse_sigmoid --ss-inverse-sigmoid-k "${DSS_K:-1000}" --ss-prob 1.0 --ss-warmup-updates 50)
 HSS_MIX=("${DSS_MIX[@]}")
 ALPHA=(--dss-alpha "${DSS_ALPHA:-1}")
-ANNEAL=(--dss-alpha-schedule exponential --dss-alpha-growth 1.2 --dss-alpha-period-updates 50 --dss-alpha-max 100)
+ANNEAL=(--dss-alpha-schedule exponential --dss-alpha-growth 1.2 --dss-alpha-period-updates 50 --dss-alpha-max "${DSS_ALPHA_MAX:-100}")
 DSS=(--criterion differentiable_ss --dss-decoding "${DSS_DECODING:-sequential}")
 METHODS=(hss_greedy hss_sample dss_greedy_fixed dss_sample_fixed dss_greedy_annealed dss_sample_annealed)
 FLAGS_hss_greedy=(--criterion sequential_ss --ss-conditioning argmax)
