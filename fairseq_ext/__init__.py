@@ -15,6 +15,7 @@ from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401
 from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
 from fairseq_ext.criterions import self_normalized_cross_entropy  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401
+from fairseq_ext.criterions import soft_beam_loss  # noqa: E402,F401
 from fairseq_ext.models import seq2seq_tagger  # noqa: E402,F401
 from fairseq_ext.scoring import span_f1  # noqa: E402,F401
 from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
