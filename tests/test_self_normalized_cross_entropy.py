@@ -8,7 +8,7 @@ import torch
 from fairseq.logging import metrics
 
 from fairseq_ext.criterions.self_normalized_cross_entropy import SelfNormalizedCrossEntropyCriterion
-from fairseq_ext.testing import cli, synthetic, tiny
+from fairseq_ext.testing import cli, tiny
 
 PAIRS = [([0, 1, 2, 3], [3, 2, 1, 0]), ([4, 5], [5, 4, 5, 4, 1]), ([1, 1, 2], [2])]
 
@@ -72,28 +72,20 @@ def test_metrics_are_the_mean_and_variance_over_all_positions():
     assert not any(k.startswith("_") for k in got)
 
 
-@pytest.fixture(scope="module")
-def reverse_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("selfnorm")
-    synthetic.write_parallel(str(root / "raw"), task="reverse", sizes={"train": 200, "valid": 30, "test": 11})
-    cli.preprocess(str(root / "raw"), str(root / "bin"))
-    return str(root / "bin")
-
-
 def last_valid(log, key):
     lines = [ln for ln in log.splitlines() if "| valid |" in ln]
     return float(re.search(rf"\| {key} (-?[0-9.]+)", lines[-1]).group(1))
 
 
-def test_training_drives_log_z_to_zero_and_logs_train_and_valid_statistics(reverse_data, tmp_path):
+def test_training_drives_log_z_to_zero_and_logs_train_and_valid_statistics(reverse_data_bin, tmp_path):
     flags = cli.TINY_TRANSFORMER + ["--max-epoch", "6", "--max-tokens", "500", "--label-smoothing", "0.1"]
-    ce_log = cli.train(reverse_data, str(tmp_path / "ce"), flags + ["--criterion", "self_normalized_cross_entropy",
+    ce_log = cli.train(reverse_data_bin, str(tmp_path / "ce"), flags + ["--criterion", "self_normalized_cross_entropy",
                                                                     "--self-norm-lambda", "0"])  # fmt: skip
-    sn_log = cli.train(reverse_data, str(tmp_path / "sn"), flags + ["--criterion", "self_normalized_cross_entropy",
+    sn_log = cli.train(reverse_data_bin, str(tmp_path / "sn"), flags + ["--criterion", "self_normalized_cross_entropy",
                                                                     "--self-norm-lambda", "1"])  # fmt: skip
     assert re.search(r"\| train \| .*log_z_mean", sn_log) and re.search(r"\| valid \| .*log_z_var", sn_log)
     ce_mean, sn_mean = last_valid(ce_log, "log_z_mean"), last_valid(sn_log, "log_z_mean")
     print(f"valid log Z mean: CE {ce_mean}, self-normalised {sn_mean}")
     assert abs(sn_mean) < 0.5 < abs(ce_mean)  # Table 5.1's contrast, on a toy task
-    out = cli.generate(reverse_data, os.path.join(str(tmp_path / "sn"), "checkpoint_last.pt"), ["--beam", "2"])
-    assert len(cli.hypotheses(out)) == 11
+    out = cli.generate(reverse_data_bin, os.path.join(str(tmp_path / "sn"), "checkpoint_last.pt"), ["--beam", "2"])
+    assert len(cli.hypotheses(out)) == 20  # every test sentence of the shared fixture

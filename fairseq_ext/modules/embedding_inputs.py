@@ -20,12 +20,14 @@ import torch
 from torch import Tensor, nn
 
 
-def soft_embeddings(weights: Tensor, embed_tokens: nn.Embedding) -> Tensor:
-    """``sum_y e(y) * weights[..., y]``: B x T x V weights (e.g. a softmax) -> B x T x D vectors.
+def soft_embeddings(weights: Tensor, table) -> Tensor:
+    """``sum_y e(y) * weights[..., y]``: ... x V weights (e.g. a softmax) -> ... x D vectors.
 
-    One-hot weights give exactly the rows of the embedding matrix.
+    ``table`` is the V x D embedding matrix or the embedding module holding it.  One-hot weights
+    give exactly the rows of the embedding matrix.
     """
-    return torch.matmul(weights.to(embed_tokens.weight.dtype), embed_tokens.weight)
+    matrix = getattr(table, "weight", table)  # V x D
+    return torch.matmul(weights.to(matrix.dtype), matrix)
 
 
 class GivenEmbeddings(nn.Module):

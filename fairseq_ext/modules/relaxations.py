@@ -17,6 +17,8 @@ from torch import Tensor
 
 from fairseq.dataclass import ChoiceEnum
 
+from fairseq_ext.modules.embedding_inputs import soft_embeddings
+
 RELAXATION_CHOICES = ChoiceEnum(["greedy", "sample"])
 
 # U is kept in [1e-10, 1 - 1e-10]: -log(-log U) stays finite (U = 0 would give -inf)
@@ -73,7 +75,7 @@ def relaxed_embeddings(
     scores = scores.to(dtype)
     if candidates is None:
         weights = peaked_softmax(scores, alpha, noise, banned=banned)  # N x V
-        return torch.matmul(weights.to(embedding.dtype), embedding), weights.argmax(-1)
+        return soft_embeddings(weights, embedding), weights.argmax(-1)
     if banned:
         scores = scores.masked_fill(torch.isin(candidates, torch.tensor(list(banned), device=candidates.device)), float("-inf"))
     weights = peaked_softmax(scores, alpha, None if noise is None else noise.gather(-1, candidates))  # N x k

@@ -120,3 +120,18 @@ def lm_batch(task, sequences: Sequence[Sequence[int]]):
         "net_input": {"src_tokens": src, "src_lengths": torch.tensor([len(s) for s in seqs])},
         "target": tgt,
     }
+
+
+def assert_batching_invariance(criterion, model, task, pairs, rtol=1e-5, atol=1e-4):
+    """A deterministic criterion's loss of a batch equals the sum over its sentences alone (padding),
+    does not depend on the batch order, and equals the sum of its ``reduce=False`` losses.
+    Returns the logging output of the full batch."""
+    full, _, log = criterion(model, translation_batch(task, pairs, given_order=True))
+    singles = [criterion(model, translation_batch(task, [p]))[0] for p in pairs]
+    torch.testing.assert_close(full, sum(singles), rtol=rtol, atol=atol)
+    permuted = criterion(model, translation_batch(task, pairs[::-1], given_order=True))[0]
+    torch.testing.assert_close(full, permuted, rtol=rtol, atol=atol)
+    unreduced, _, _ = criterion(model, translation_batch(task, pairs), reduce=False)
+    assert unreduced.dim() >= 1 and unreduced.numel() > 1
+    torch.testing.assert_close(unreduced.sum(), full, rtol=rtol, atol=atol)
+    return log
