@@ -19,4 +19,5 @@ from fairseq_ext.criterions import soft_beam_loss  # noqa: E402,F401
 from fairseq_ext.models import seq2seq_tagger  # noqa: E402,F401
 from fairseq_ext.scoring import span_f1  # noqa: E402,F401
 from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
+from fairseq_ext.tasks import search_aware_translation  # noqa: E402,F401
 from fairseq_ext.tasks import tagging  # noqa: E402,F401

@@ -390,3 +390,26 @@ def test_top_k_relaxation_picks_distinct_entries_when_scores_are_apart():
     p = continuous_top_k_argmax(scores, 3, 1e4)
     flat = p.flatten(2).argmax(-1)[0].tolist()
     assert flat == [0, 3, 1]
+
+
+def test_tagger_states_mix_like_fairseqs_reordering_with_one_hot_backpointers():
+    task, model, _ = synthetic_tagging.build_tagger()
+    model.eval()
+    k, bsz = 2, 2
+    sample = synthetic_tagging.tagging_batch(task, SENTENCES[:bsz])
+    ni = sample["net_input"]
+    enc = model.encoder(ni["src_tokens"], src_lengths=ni["src_lengths"])
+    enc = model.encoder.reorder_encoder_out(enc, torch.arange(bsz).repeat_interleave(k))
+    state = {}
+    prefix = torch.full((bsz * k, 2), task.target_dictionary.eos())
+    prefix[:, 1] = torch.tensor([4, 5, 6, 7])
+    model.decoder(prefix[:, :1], encoder_out=enc, incremental_state=state)
+    model.decoder(prefix, encoder_out=enc, incremental_state=state)
+    parents = torch.tensor([[1, 1], [0, 1]])
+    hard_state = {key: dict(buf) for key, buf in state.items()}
+    soft_reorder_incremental_state(model.decoder, state, torch.nn.functional.one_hot(parents, k).float())
+    model.decoder.reorder_incremental_state_scripting(hard_state, (parents + torch.tensor([[0], [k]])).flatten())
+    soft, ref = cached_tensors(state), cached_tensors(hard_state)
+    assert soft.keys() == ref.keys() and len(soft) >= 2
+    for name in ref:
+        assert torch.equal(soft[name], ref[name]), name

@@ -36,7 +36,9 @@ Choices the thesis leaves open (documented here, tested):
   score 0, as hard beam search with absorbing final states would; the gold is EOS-padded to the
   horizon, so Hamming costs count missing and extra tokens alike.  A sentence whose horizon is
   reached keeps its scores and losses (the other sentences of the batch go on), so a sentence's
-  loss does not depend on its batch.
+  loss does not depend on its batch.  A sentence all of whose elements have finished stops too
+  (more soft mixing would only blend finished elements): the EOS costs of its remaining steps,
+  the same for every element, are added to its losses.
 * Tokens a hypothesis may not contain (padding, BOS, and for tagging every non-label) get the
   finite score ``BANNED_SCORE`` rather than -inf, so that ``s~ * p`` stays 0 where p = 0.
 """
@@ -301,19 +303,33 @@ class SoftBeamSearch:
             new_scores, new_losses, backpointers, words, picks = soft_beam_step(
                 scores, local, losses, costs, k, alpha, cost_augmented
             )
-            active = (horizons > t).unsqueeze(1)  # B x 1: sentences still decoding
-            scores = torch.where(active, new_scores, _widen(scores, k))
-            losses = torch.where(active, new_losses, _widen(losses, k))
+            within = (horizons > t).unsqueeze(1)  # B x 1: the sentence's horizon is not reached
+            done = finished.all(1, keepdim=True)  # B x 1: every element's hard path has emitted EOS
+            active = within & ~done
+            # A finished sentence stops (further soft mixing would only blend its finished elements),
+            # but, as in the hard limit, each of its elements goes on emitting EOS at score 0 until the
+            # horizon, paying d_t(EOS) (and adding it to the score when cost-augmented): the same shift
+            # for every element, which is added here.
+            eos_cost = torch.where(within & done, costs[:, self.eos : self.eos + 1], torch.zeros_like(costs[:, :1]))
+            scores = torch.where(active, new_scores, _widen(scores, k) + (eos_cost if cost_augmented else 0.0))
+            losses = torch.where(active, new_losses, _widen(losses, k) + eos_cost)
 
             # the hard path: the joint argmax (element, word) of each p_i; frozen sentences keep theirs
             flat = picks.detach().flatten(2).argmax(-1)  # B x k
             parent = torch.where(active, torch.div(flat, vocab, rounding_mode="floor"), own.clamp(max=width - 1))
-            word = torch.where(active, flat % vocab, torch.full_like(flat, self.pad))
+            absorbed = torch.where(within, torch.full_like(flat, self.eos), torch.full_like(flat, self.pad))
+            word = torch.where(active, flat % vocab, absorbed)
             step_score = local.detach().flatten(1).gather(1, parent * vocab + word).masked_fill(~active, 0.0)
             history = torch.cat([_rows(history, parent), word.unsqueeze(-1)], dim=2)  # B x k x (t+1)
             path_scores = torch.cat([_rows(path_scores, parent), step_score.unsqueeze(-1)], dim=2)
             finished = finished.gather(1, parent) | word.eq(self.eos)
-            if t + 1 == steps or (stop_when_finished and bool((finished | ~active).all())):
+            if t + 1 == steps:
+                break
+            if not bool(active.any()):  # every sentence finished: no more decoding is needed
+                if not stop_when_finished:
+                    scores, losses, history, path_scores = self._absorb_until_horizons(
+                        t + 1, steps, horizons, step_costs, cost_augmented, scores, losses, history, path_scores
+                    )
                 break
 
             # lines 11 and 14-16: the next inputs and the mixed decoder states
@@ -347,6 +363,24 @@ class SoftBeamSearch:
             absorbed[..., self.eos] = 0.0
             local = torch.where(finished.unsqueeze(-1), absorbed, local)
         return local
+
+    def _absorb_until_horizons(self, start, steps, horizons, step_costs, cost_augmented, scores, losses,
+                               history, path_scores):  # fmt: skip
+        """Steps ``start..steps-1`` for sentences whose elements have all finished: every element emits EOS
+        at score 0 and pays d_t(EOS) until its sentence's horizon (as the loop would, without decoding)."""
+        bsz, k = scores.shape
+        for t in range(start, steps):
+            within = (horizons > t).unsqueeze(1)  # B x 1
+            costs = self._costs_at(step_costs, t, bsz, 1 + self.eos, scores.device, scores.dtype)
+            eos_cost = torch.where(within, costs[:, self.eos : self.eos + 1], torch.zeros_like(costs[:, :1]))
+            losses = losses + eos_cost
+            if cost_augmented:
+                scores = scores + eos_cost
+            token = torch.where(within, torch.full_like(within, self.eos, dtype=torch.long),
+                                torch.full_like(within, self.pad, dtype=torch.long))  # fmt: skip
+            history = torch.cat([history, token.expand(bsz, k).unsqueeze(-1)], dim=2)
+            path_scores = torch.cat([path_scores, path_scores.new_zeros(bsz, k, 1)], dim=2)
+        return scores, losses, history, path_scores
 
     @staticmethod
     def _costs_at(step_costs, t, bsz, vocab, device, dtype) -> Tensor:

@@ -17,6 +17,13 @@ exactly one label per source word (see fairseq_ext/generators/tagging_generator.
 ``--eval-tagging`` decodes the validation set greedily and logs ``span_f1``, ``span_precision``,
 ``span_recall`` (conlleval's chunk scores) and ``tag_accuracy``, percentages usable as
 ``--best-checkpoint-metric``.
+
+Decoding options (fairseq_ext/generators/search_options.py), for every generator the task builds:
+``--search-scores raw`` searches over the decoder's raw scores (globally normalised models, thesis
+section 5.2) with the same one-label-per-word constraint; ``--soft-beam-decoding`` decodes with soft
+beam search (section 4.3.4, k = ``--beam``), also exactly one label per word:
+
+    fairseq-generate BIN --user-dir fairseq_ext --task tagging --path CKPT --beam 3 --soft-beam-decoding
 """
 import logging
 import os
@@ -30,6 +37,9 @@ from fairseq.logging import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from fairseq_ext.generators.raw_score_generator import raw_score_models
+from fairseq_ext.generators.search_options import SearchDecodingConfig, check_search_options
+from fairseq_ext.generators.soft_beam_generator import SoftBeamGenerator
 from fairseq_ext.generators.tagging_generator import TaggingSequenceGenerator
 from fairseq_ext.scoring.span_f1 import ConllevalCounter, precision_recall_f1
 from fairseq_ext.scoring.tag_accuracy import accuracy_percent
@@ -42,11 +52,12 @@ _COUNT_KEYS = ("correct_chunks", "gold_chunks", "guessed_chunks", "correct_tags"
 
 
 @dataclass
-class TaggingConfig(TranslationConfig):
+class TaggingConfig(TranslationConfig, SearchDecodingConfig):
     eval_tagging: bool = field(
         default=False,
         metadata={
-            "help": "decode the validation set greedily (beam 1, one label per word) at every validation and log "
+            "help": "decode the validation set greedily (beam 1, one label per word; --search-scores and "
+            "--soft-beam-decoding apply) at every validation and log "
             "tag_accuracy and, with --eval-tagging-scheme conlleval, span_f1 / span_precision / span_recall "
             "(percentages; e.g. --best-checkpoint-metric span_f1 --maximize-best-checkpoint-metric)"
         },
@@ -106,6 +117,7 @@ class TaggingTask(TranslationTask):
             )
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
+        check_search_options(self.cfg, args, len(models), extra_gen_cls_kwargs)
         if getattr(args, "score_reference", False):
             return super().build_generator(models, args)
         if getattr(args, "match_source_len", False):
@@ -114,6 +126,10 @@ class TaggingTask(TranslationTask):
             )
         if getattr(args, "print_alignment", None):
             raise ValueError("--print-alignment: the tagging model has no attention to print; label i is word i's")
+        if self.cfg.soft_beam_decoding:
+            return SoftBeamGenerator.from_args(models, self.target_dictionary, self.cfg, args, fixed_length=True)
+        if str(self.cfg.search_scores) == "raw":
+            models = raw_score_models(models)  # the tagging ensemble then masks raw scores
         return super().build_generator(
             models,
             args,
