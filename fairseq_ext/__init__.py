@@ -12,12 +12,15 @@ install_checkpoint_allowlist()
 
 # Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
 from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401
+from fairseq_ext.criterions import flowseq_loss  # noqa: E402,F401
 from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
 from fairseq_ext.criterions import self_normalized_cross_entropy  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401
 from fairseq_ext.criterions import soft_beam_loss  # noqa: E402,F401
+from fairseq_ext.models import flowseq  # noqa: E402,F401
 from fairseq_ext.models import seq2seq_tagger  # noqa: E402,F401
 from fairseq_ext.scoring import span_f1  # noqa: E402,F401
 from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
 from fairseq_ext.tasks import search_aware_translation  # noqa: E402,F401
 from fairseq_ext.tasks import tagging  # noqa: E402,F401
+from fairseq_ext.tasks import translation_flowseq  # noqa: E402,F401
