@@ -41,8 +41,10 @@ Choices the paper leaves open, and what this file does:
   (fairseq's string() drops it when printing).  ``positional_scores`` are FlowSeq's token log-probs
   given the candidate's z (for NPD: the teacher's), the final EOS carrying the log-probs of the whole
   trailing EOS run (0 when the model filled every position), so that they sum to log P(y | z, x)
-  over the model positions.  ``score`` is the ranking criterion above, hypotheses are sorted by it,
-  best first, and duplicates (same tokens from different candidates) are dropped.
+  over the model positions.  Hypotheses are sorted by the ranking criterion above, best first (so for
+  NPD by the teacher's sum, while its ``score`` is per token), and duplicates (the same tokens from
+  several candidates) are dropped, keeping the best; ``alignment`` is an empty tensor, ``attention``
+  None, ``steps`` 0.
 
 Memory grows as ``B*l*r x T x V`` (decoder log-probs of all candidates, and the teacher's); IWD adds
 no more, because its K posterior samples are drawn and scored one at a time over all candidates (a
