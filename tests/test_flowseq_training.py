@@ -3,10 +3,6 @@ flowseq_loss on the tiny reverse task: the schedule, a resume, non-finite skippi
 2 data-parallel workers, and decoding."""
 import os
 import re
-import subprocess
-import sys
-import time
-import uuid
 
 import pytest
 import torch
@@ -125,40 +121,8 @@ def test_bad_flags_fail_before_training_and_write_nothing(reverse_data_bin, tmp_
 
 # -- 2 gloo workers ----------------------------------------------------------------------------------
 def train_two_workers(data_bin, save_dir, flags, workdir, timeout=600):
-    """fairseq-train with one process per rank (gloo, legacy_ddp, CPU); both ranks' logs."""
-    init = "file://" + os.path.join(str(workdir), f"dist_init_{uuid.uuid4().hex}")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    # fairseq lowers every rank but 0 to WARNING; keep the model's INFO lines (the prior checksum) on all
-    script = (
-        "import logging, sys; from fairseq_cli.train import cli_main; sys.argv[0] = 'fairseq-train'; "
-        "logging.getLogger('fairseq_ext.models.flowseq').setLevel(logging.INFO); cli_main()"
-    )
-    base = [
-        sys.executable, "-c", script, data_bin, "--save-dir", save_dir, "--cpu", "--seed", "1", "--optimizer", "adam",
-        "--lr", "0.005", "--no-progress-bar", "--log-format", "simple", "--log-interval", "1", "--num-workers", "0",
-        "--user-dir", cli.USER_DIR, *flags, "--distributed-world-size", "2", "--distributed-init-method", init,
-        "--distributed-backend", "gloo", "--distributed-no-spawn", "--device-id", "0", "--ddp-backend", "legacy_ddp",
-    ]  # fmt: skip
-    paths = [os.path.join(str(workdir), f"rank{r}_{uuid.uuid4().hex}.log") for r in range(2)]
-    procs = []
-    for rank, path in enumerate(paths):
-        with open(path, "w") as log_file:
-            procs.append(subprocess.Popen(base + ["--distributed-rank", str(rank)], stdout=log_file,
-                                          stderr=subprocess.STDOUT, env=env))  # fmt: skip
-    deadline = time.time() + timeout
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs) or time.time() > deadline:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
-    for p in procs:
-        p.wait()
-    logs = [open(path).read() for path in paths]
-    if any(p.returncode != 0 for p in procs):
-        raise cli.CliError("; ".join(f"rank {r} rc={p.returncode}:\n{logs[r][-3000:]}" for r, p in enumerate(procs)))
-    return logs
+    """fairseq-train on 2 gloo workers; both ranks' logs, with the model's INFO lines (the prior checksum)."""
+    return cli.train_distributed(data_bin, save_dir, flags, workdir, 2, timeout, info_loggers=("fairseq_ext.models.flowseq",))
 
 
 def test_two_workers_initialise_the_prior_identically(reverse_data_bin, tmp_path):

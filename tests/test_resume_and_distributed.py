@@ -10,10 +10,6 @@ sampled conditioning tokens match as well.
 """
 import os
 import re
-import subprocess
-import sys
-import time
-import uuid
 
 import pytest
 import torch
@@ -102,47 +98,12 @@ def test_resumed_training_is_bitwise_identical(straight_and_resumed):
 
 # -- b. 2 gloo workers on CPU == 1 worker with --update-freq 2 -------------------------------------
 def train_args(data_bin, save_dir, flags):
-    """fairseq-train arguments as in cli.train, but keeping the epoch checkpoints (checkpointN.pt)."""
-    return [
-        data_bin, "--save-dir", save_dir, "--cpu", "--seed", "1", "--optimizer", "adam", "--lr", "0.005",
-        "--no-progress-bar", "--log-format", "simple", "--log-interval", "1", "--num-workers", "0", *flags,
-    ]  # fmt: skip
+    return cli.train_args(data_bin, save_dir, flags)
 
 
 def train_distributed(data_bin, save_dir, flags, workdir, world_size=2, timeout=600):
-    """fairseq-train with one manually launched process per rank (gloo, legacy_ddp); rank 0's log."""
-    init = "file://" + os.path.join(str(workdir), f"dist_init_{uuid.uuid4().hex}")  # must not pre-exist
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    script = "import sys; from fairseq_cli.train import cli_main; sys.argv[0] = 'fairseq-train'; cli_main()"
-    base = [sys.executable, "-c", script, *train_args(data_bin, save_dir, flags), "--user-dir", cli.USER_DIR]
-    base += [
-        "--distributed-world-size", str(world_size), "--distributed-init-method", init,
-        "--distributed-backend", "gloo", "--distributed-no-spawn", "--device-id", "0", "--ddp-backend", "legacy_ddp",
-    ]  # fmt: skip
-    log_paths = [os.path.join(str(workdir), f"rank{r}_{uuid.uuid4().hex}.log") for r in range(world_size)]
-    procs = []
-    for rank, log_path in enumerate(log_paths):
-        with open(log_path, "w") as log_file:
-            cmd = base + ["--distributed-rank", str(rank)]
-            procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
-    deadline = time.time() + timeout
-    while any(p.poll() is None for p in procs):
-        failed = any(p.poll() not in (None, 0) for p in procs)
-        if failed or time.time() > deadline:  # a lone surviving rank would wait forever for its peer
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            break
-        time.sleep(0.2)
-    for p in procs:
-        p.wait()
-    logs = [open(path).read() for path in log_paths]
-    if any(p.returncode != 0 for p in procs):
-        raise cli.CliError(
-            "distributed fairseq-train failed: "
-            + "; ".join(f"rank {r} rc={p.returncode}:\n{logs[r][-3000:]}" for r, p in enumerate(procs))
-        )
-    return logs[0]
+    """fairseq-train on ``world_size`` gloo workers (fairseq_ext.testing.cli.train_distributed): rank 0's log."""
+    return cli.train_distributed(data_bin, save_dir, flags, workdir, world_size, timeout)[0]
 
 
 @pytest.fixture(scope="module")

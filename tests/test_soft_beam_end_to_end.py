@@ -6,7 +6,7 @@ import re
 import pytest
 
 from fairseq_ext.testing import cli
-from test_resume_and_distributed import bitwise_equal, logged, max_abs_diff, model_weights, train_args, train_distributed
+from test_resume_and_distributed import bitwise_equal, logged, max_abs_diff, model_weights, train_distributed
 
 COMMON = cli.TINY_TRANSFORMER + [
     "--task", "translation", "--dropout", "0", "--max-tokens", "500", "--update-epoch-batch-itr", "True",
@@ -65,7 +65,7 @@ def test_two_gloo_workers_equal_one_worker_with_update_freq_2(reverse_data_bin, 
     work = tmp_path_factory.mktemp("sb_dp")
     single_dir, double_dir = str(work / "single"), str(work / "double")
     flags = COMMON + SOFT_BEAM + ["--restore-file", ce_checkpoint, *WARM_START, "--max-update", "3"]
-    single = cli.run_cli("fairseq-train", train_args(reverse_data_bin, single_dir, flags + ["--update-freq", "2"]))
+    single = cli.run_cli("fairseq-train", cli.train_args(reverse_data_bin, single_dir, flags + ["--update-freq", "2"]))
     double = train_distributed(reverse_data_bin, double_dir, flags, work)
     assert "training on 2 devices" in double, double[-3000:]
     assert logged(double, "loss") == logged(single, "loss") and len(logged(double, "loss")) == 3

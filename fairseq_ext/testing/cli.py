@@ -10,6 +10,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+import uuid
 from typing import Dict, List, Optional, Sequence
 
 import fairseq_ext
@@ -155,3 +157,53 @@ def sacrebleu_score(output: str) -> float:
     hyps, refs = hypotheses(output), references(output)
     ids = sorted(refs)
     return sacrebleu.corpus_bleu([hyps.get(i, "") for i in ids], [[refs[i] for i in ids]], tokenize="none").score
+
+
+def train_args(data_bin: str, save_dir: str, flags: Sequence[str]) -> List[str]:
+    """fairseq-train arguments as in :func:`train`, but keeping the epoch checkpoints (checkpointN.pt)."""
+    return [
+        data_bin, "--save-dir", save_dir, "--cpu", "--seed", "1", "--optimizer", "adam", "--lr", "0.005",
+        "--no-progress-bar", "--log-format", "simple", "--log-interval", "1", "--num-workers", "0", *flags,
+    ]  # fmt: skip
+
+
+def train_distributed(data_bin: str, save_dir: str, flags: Sequence[str], workdir: str, world_size: int = 2,
+                      timeout: float = 600, info_loggers: Sequence[str] = ()) -> List[str]:  # fmt: skip
+    """fairseq-train with one manually launched process per rank (gloo, legacy_ddp, CPU): every rank's log.
+
+    fairseq lowers the log level of every rank but 0 to WARNING; ``info_loggers`` keep INFO on all ranks.
+    """
+    init = "file://" + os.path.join(str(workdir), f"dist_init_{uuid.uuid4().hex}")  # must not pre-exist
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    script = "import logging, sys; from fairseq_cli.train import cli_main; sys.argv[0] = 'fairseq-train'; "
+    script += "".join(f"logging.getLogger({name!r}).setLevel(logging.INFO); " for name in info_loggers)
+    script += "cli_main()"
+    base = [sys.executable, "-c", script, *train_args(data_bin, save_dir, flags), "--user-dir", USER_DIR]
+    base += [
+        "--distributed-world-size", str(world_size), "--distributed-init-method", init,
+        "--distributed-backend", "gloo", "--distributed-no-spawn", "--device-id", "0", "--ddp-backend", "legacy_ddp",
+    ]  # fmt: skip
+    log_paths = [os.path.join(str(workdir), f"rank{r}_{uuid.uuid4().hex}.log") for r in range(world_size)]
+    procs = []
+    for rank, log_path in enumerate(log_paths):
+        with open(log_path, "w") as log_file:
+            cmd = base + ["--distributed-rank", str(rank)]
+            procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs):
+        failed = any(p.poll() not in (None, 0) for p in procs)
+        if failed or time.time() > deadline:  # a lone surviving rank would wait forever for its peer
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.wait()
+    logs = [open(path).read() for path in log_paths]
+    if any(p.returncode != 0 for p in procs):
+        raise CliError(
+            "distributed fairseq-train failed: "
+            + "; ".join(f"rank {r} rc={p.returncode}:\n{logs[r][-3000:]}" for r, p in enumerate(procs))
+        )
+    return logs
