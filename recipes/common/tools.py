@@ -10,10 +10,19 @@ Usage: python3 tools.py COMMAND ...   (see --help of each command)
   hyps        fairseq-generate output -> one detokenised hypothesis per line, in input order;
               fails unless every input sentence got exactly one
   bleu        sacreBLEU of a hypothesis file against a raw reference file
+  tagscore    conlleval span F1 and tag accuracy of tag lines (--accuracy-only: tag accuracy alone)
+  tagset      "chunk" when a label dictionary holds chunk tags only (O, B-X, I-X, E-X, S-X), else "atomic"
+  logz        mean and variance of the local log-normalizer log Z of a checkpoint on a split
+              (teacher-forced; Table 5.1 of Goyal's thesis)
+  ccgbank     CCGbank AUTO files -> aligned word / supertag files (one sentence per line)
 """
 import argparse
+import os
 import re
 import sys
+
+# fairseq_ext from this checkout when it is not installed (tagscore, logz)
+sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def spm_train(args):
@@ -138,6 +147,15 @@ def tagscore(args):
         ref = [line.split() for line in f]
     if len(hyp) != len(ref):
         sys.exit(f"ERROR: {args.hyp} has {len(hyp)} lines but the reference {args.ref} has {len(ref)}")
+    if args.accuracy_only:
+        correct = total = 0
+        for n, (r, h) in enumerate(zip(ref, hyp), 1):
+            if len(r) != len(h):
+                sys.exit(f"ERROR: {args.hyp} line {n} has {len(h)} tags but the reference has {len(r)}")
+            correct += sum(a == b for a, b in zip(r, h))
+            total += len(r)
+        print(f"ACC {args.name} = {100.0 * correct / max(total, 1):.2f}  (tag accuracy: {correct} of {total} tokens)")
+        return
     try:
         counts = evaluate(ref, hyp)
     except ValueError as e:
@@ -149,6 +167,111 @@ def tagscore(args):
     if args.report:
         with open(args.report, "w", encoding="utf-8") as out:
             out.write(conlleval_report(counts) + "\n")
+
+
+CHUNK_TAG = re.compile(r"^(O|[BIES]-\S+)$")
+FILLER = "madeupword"  # fairseq-preprocess pads dictionaries with madeupwordNNNN symbols
+
+
+def tagset(args):
+    """Prints chunk or atomic: whether every label of a fairseq dictionary file is a chunk tag."""
+    labels = []
+    with open(args.dictionary, encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            if fields and not fields[0].startswith(FILLER):
+                labels.append(fields[0])
+    if not labels:
+        sys.exit(f"ERROR: no labels in {args.dictionary}")
+    chunk = all(CHUNK_TAG.match(t) for t in labels) and any(t != "O" for t in labels)
+    print("chunk" if chunk else "atomic")
+
+
+def logz(args):
+    """Teacher-forced local log-normalizers log Z_i = logsumexp_y s_i(y) of checkpoints over splits:
+    count, mean and population variance over the target positions (Table 5.1).  One process for
+    every model and split (loading fairseq once)."""
+    from argparse import Namespace
+
+    import torch
+    from fairseq import checkpoint_utils, utils
+
+    utils.import_user_module(Namespace(user_dir=args.user_dir))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    for spec in args.model:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            sys.exit(f"ERROR: --model takes NAME=CHECKPOINT, got {spec!r}")
+        models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([path], arg_overrides={"data": args.data})
+        model = models[0].eval()
+        pad = task.target_dictionary.pad()
+        for split in args.splits.split(","):
+            task.load_dataset(split)
+            itr = task.get_batch_iterator(
+                dataset=task.dataset(split), max_tokens=args.max_tokens, max_sentences=None,
+                max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+                ignore_invalid_inputs=True, required_batch_size_multiple=1, seed=1, num_workers=0,
+            ).next_epoch_itr(shuffle=False)
+            count, total, total_sq = 0, 0.0, 0.0
+            with torch.no_grad():
+                for i, sample in enumerate(itr):
+                    if args.max_batches and i >= args.max_batches:
+                        break
+                    log_z = torch.logsumexp(model(**sample["net_input"])[0].float(), dim=-1).double()
+                    values = log_z[sample["target"].ne(pad)]
+                    count += values.numel()
+                    total += values.sum().item()
+                    total_sq += values.pow(2).sum().item()
+            if count == 0:
+                sys.exit(f"ERROR: no target positions in split {split} of {args.data}")
+            mean = total / count
+            var = max(total_sq / count - mean * mean, 0.0)
+            print(f"LOGZ {name}/{split} mean = {mean:.4f} var = {var:.4f}  ({count} target positions, {path})", flush=True)
+
+
+# CCGbank AUTO leaves: (<L CATEGORY MODIFIED_POS ORIGINAL_POS WORD PRED_ARG_CATEGORY>)
+CCG_LEAF = re.compile(r"\(<L (\S+) (\S+) (\S+) (\S+) (\S+)>\)")
+
+
+def read_auto(path):
+    """Sentences [(words, supertags)] of one CCGbank AUTO file (ID= lines, each followed by a tree)."""
+    sentences = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("ID="):
+            continue
+        leaves = CCG_LEAF.findall(line)
+        if not leaves:
+            sys.exit(f"ERROR: {path} line {n}: a parse line without any (<L ...>) leaf: {line[:80]!r}")
+        sentences.append(([leaf[3] for leaf in leaves], [leaf[0] for leaf in leaves]))
+    return sentences
+
+
+def ccgbank(args):
+    """The AUTO files of the given sections (in order, files sorted) -> PREFIX.words / PREFIX.tags."""
+    import glob
+
+    files = []
+    for section in args.sections.split(","):
+        section_dir = os.path.join(args.auto_dir, section)
+        found = sorted(glob.glob(os.path.join(section_dir, "*.auto")))
+        if not found:
+            sys.exit(f"ERROR: no *.auto files in {section_dir} (expected CCGbank's data/AUTO/{section}/wsj_{section}NN.auto)")
+        files += found
+    n_sent = n_tok = 0
+    with open(args.prefix + "." + args.source_suffix, "w", encoding="utf-8") as fw, open(
+        args.prefix + "." + args.target_suffix, "w", encoding="utf-8"
+    ) as ft:
+        for path in files:
+            for words, tags in read_auto(path):
+                if args.lowercase:
+                    words = [w.lower() for w in words]
+                fw.write(" ".join(words) + "\n")
+                ft.write(" ".join(tags) + "\n")
+                n_sent += 1
+                n_tok += len(words)
+    print(f"  ccgbank sections {args.sections}: {len(files)} files, {n_sent} sentences, {n_tok} tokens -> {args.prefix}.*")
 
 
 def main(argv=None):
@@ -203,9 +326,33 @@ def main(argv=None):
     s = sub.add_parser("tagscore", help="conlleval span F1 and tag accuracy of tag lines")
     s.add_argument("--name", required=True)
     s.add_argument("--report", help="also write conlleval's per-type report here")
+    s.add_argument("--accuracy-only", action="store_true",
+                   help="labels that are not chunk tags (POS, supertags): print tag accuracy alone (an ACC line)")
     s.add_argument("hyp")
     s.add_argument("ref")
     s.set_defaults(fn=tagscore)
+
+    s = sub.add_parser("tagset", help="chunk or atomic: the kind of labels in a fairseq dictionary file")
+    s.add_argument("dictionary")
+    s.set_defaults(fn=tagset)
+
+    s = sub.add_parser("logz", help="mean and variance of log Z of checkpoints on splits (teacher-forced)")
+    s.add_argument("--model", action="append", required=True, metavar="NAME=CHECKPOINT", help="repeatable")
+    s.add_argument("--data", required=True, help="fairseq data-bin directory")
+    s.add_argument("--splits", default="train,valid")
+    s.add_argument("--user-dir", required=True)
+    s.add_argument("--max-tokens", type=int, default=4000)
+    s.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+    s.set_defaults(fn=logz)
+
+    s = sub.add_parser("ccgbank", help="CCGbank AUTO sections -> aligned word / supertag files")
+    s.add_argument("--auto-dir", required=True, help="the directory holding the section folders 00 .. 24")
+    s.add_argument("--sections", required=True, help="comma-separated, e.g. 02,03,...,21")
+    s.add_argument("--lowercase", action="store_true")
+    s.add_argument("--source-suffix", default="words")
+    s.add_argument("--target-suffix", default="tags")
+    s.add_argument("prefix")
+    s.set_defaults(fn=ccgbank)
     args = p.parse_args(argv)
     args.fn(args)
 

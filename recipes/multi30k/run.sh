@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Multi30k en->de: teacher-forced baseline vs parallel scheduled sampling, decoding and sacreBLEU.
+# Multi30k en->de: teacher-forced baseline vs parallel scheduled sampling, decoding and sacreBLEU;
+# with --methods flowseq: FlowSeq and fairseq's NAT on raw and distilled data (recipes/common/flowseq.sh).
 #
-# Usage: run.sh DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--smoke]
+# Usage: run.sh DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--methods a,b] [--smoke]
 #   DATA_DIR  output of recipes/multi30k/prepare.sh
 #   EXP_DIR   where checkpoints, logs (run.log, */train.log), hypotheses and results.txt go
 # Stages: 1 baseline training, 2 parallel_ss training, 3 generate (beam 5, greedy), 4 sacreBLEU.
+# Non-autoregressive methods (only with --methods; `flowseq` = all of them): distill (the baseline,
+# as teacher, translates the training set with beam DISTILL_BEAM), flowseq_raw, flowseq_kd (FlowSeq
+# on raw / distilled data; decoded argmax, iwd15, npd15, npd30 with the baseline rescoring NPD),
+# nat_raw, nat_kd (fairseq's nonautoregressive_transformer, one parallel decoding pass).
 # --smoke (or SMOKE=1): a tiny model for one epoch, to check the pipeline in seconds.
-# Env: SEED (1), DEVICE=auto|cpu|gpu, FP16=1 (GPU only), SS_PROB, SS_PASSES.
+# Env: SEED (1), DEVICE=auto|cpu|gpu, FP16=1 (GPU only), SS_PROB, SS_PASSES; FlowSeq/NAT:
+#      FLOWSEQ_EPOCHS (200), FLOWSEQ_INIT (4000), FLOWSEQ_KL_WARMUP (4000), NAT_EPOCHS (200), and the
+#      knobs of recipes/common/flowseq.sh (DISTILL_BEAM, DISTILL_FORCE, FLOWSEQ_DECODES, FLOWSEQ_TAU, ...).
 set -euo pipefail
 source "$(dirname "$0")/../common/lib.sh"
 source "$(dirname "$0")/../common/stages.sh"
@@ -32,5 +39,31 @@ SS=(--ss-prob "${SS_PROB:-0.5}" --ss-num-passes "${SS_PASSES:-1}" --ss-schedule 
     --ss-warmup-updates 4000 --ss-conditioning sample)
 # -- decoding extras (beam size and batch-size rounding are fixed by stage 3)
 GEN=(--max-len-a 1.2 --max-len-b 10)
+
+# -- FlowSeq (--methods flowseq...): the paper's IWSLT sizes (encoder 5, posterior and decoder 3
+#    layers, 256 wide, 4 heads, prior [48, 48, 16] steps), one embedding matrix; the paper's Adam
+#    (0.9, 0.999, eps 1e-6), lr 5e-4 decaying by 0.999995 per update, clipping 1.0, label smoothing
+#    0.1; autoencoder pre-training and KL warm-up scaled to Multi30k's ~130 updates per epoch
+FLOWSEQ_MODEL=(--arch flowseq_iwslt_de_en --share-all-embeddings)
+FLOWSEQ_REG=(--dropout 0.2 --weight-decay 0.0 --label-smoothing 0.1)
+FLOWSEQ_OPTIM=(--optimizer adam --adam-betas '(0.9,0.999)' --adam-eps 1e-6 --clip-norm 1.0
+               --lr 5e-4 --lr-scheduler step --lr-deacy-period 1 --lr-decay 0.999995)
+FLOWSEQ_BATCH=(--max-tokens 4096 --num-workers 1)
+FLOWSEQ_LENGTH=(--max-epoch "${FLOWSEQ_EPOCHS:-200}")
+FLOWSEQ_INIT=${FLOWSEQ_INIT:-4000}
+FLOWSEQ_KL_WARMUP=${FLOWSEQ_KL_WARMUP:-4000}
+# -- fairseq's vanilla NAT (Gu et al. 2018 without fertility; fairseq's NAT example flags), the
+#    baseline's size
+NAT_MODEL=(--arch nonautoregressive_transformer --share-all-embeddings
+           --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256
+           --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
+           --encoder-attention-heads 4 --decoder-attention-heads 4)
+NAT_REG=(--dropout 0.3 --weight-decay 0.01 --label-smoothing 0.1)
+NAT_OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.0
+           --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --warmup-init-lr 1e-7)
+NAT_BATCH=(--max-tokens 4096 --num-workers 1)
+NAT_LENGTH=(--max-epoch "${NAT_EPOCHS:-200}")
+source "$(dirname "$0")/../common/flowseq.sh"
+flowseq_setup
 
 run_stages

@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # WMT'14 en->de: teacher-forced baseline vs parallel scheduled sampling, decoding and sacreBLEU.
 #
-# Usage: run.sh DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--smoke]
+# Usage: run.sh DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--methods a,b] [--smoke]
 #   DATA_DIR  output of recipes/wmt14_en_de/prepare.sh
 #   EXP_DIR   where checkpoints, logs (run.log, */train.log), hypotheses and results.txt go
 # Stages: 1 baseline training, 2 parallel_ss training, 3 generate (beam 5, greedy), 4 sacreBLEU.
 # --smoke (or SMOKE=1): a tiny model for one epoch, to check the pipeline in seconds.
+# FlowSeq block (only with --methods; `flowseq` = all): distill (the baseline translates the training
+# set, beam DISTILL_BEAM), flowseq_raw / flowseq_kd (FlowSeq on raw / distilled data; decoded argmax,
+# iwd15, npd15, npd30, NPD rescored by the baseline), nat_raw / nat_kd (fairseq's
+# nonautoregressive_transformer, one parallel pass); see recipes/common/flowseq.sh.
+#   Env: FLOWSEQ_UPDATES, FLOWSEQ_INIT (30000), FLOWSEQ_KL_WARMUP (10000), NAT_UPDATES, NAR_MAX_LEN,
+#   DISTILL_BEAM (5), DISTILL_FORCE=1, FLOWSEQ_DECODES, FLOWSEQ_TAU (0.3), FLOWSEQ_GEN_BATCH_SIZE (32).
 # Env: SEED (1), DEVICE=auto|cpu|gpu, FP16=1 (GPU only; recommended), UPDATE_FREQ (8), SS_PROB, SS_PASSES.
 # A real run needs a GPU: about 4.5M training pairs; the transformer-base setting below takes days
 # on one GPU (set UPDATE_FREQ=1 on 8 GPUs for the usual ~32k-token batches).
@@ -31,5 +37,30 @@ SS=(--ss-prob "${SS_PROB:-0.5}" --ss-num-passes "${SS_PASSES:-1}" --ss-schedule 
     --ss-warmup-updates 50000 --ss-conditioning sample)
 # -- decoding extras (beam size and batch-size rounding are fixed by stage 3)
 GEN=(--lenpen 0.6)
+
+# -- FlowSeq (--methods flowseq, or some of distill,flowseq_raw,flowseq_kd,nat_raw,nat_kd;
+#    recipes/common/flowseq.sh): FlowSeq-base (FLOWSEQ_ARCH=flowseq_large for the 512 / 1024 model),
+#    encoder 6, posterior and decoder 4 layers, 8 heads, prior [48, 48, 16] steps, all embeddings
+#    shared; Adam (0.9, 0.999, eps 1e-6), lr 5e-4 decaying by 0.999995 per update, clipping 1.0,
+#    label smoothing 0.1, KL weight 0 for 30k updates then linear to 1 over 10k; training sentences
+#    of at most 80 pieces (NAR_MAX_LEN); 8192 tokens x UPDATE_FREQ per update (~2k sentences at 8)
+FLOWSEQ_MODEL=(--arch "${FLOWSEQ_ARCH:-flowseq_base}" --share-all-embeddings)
+FLOWSEQ_REG=(--dropout 0.1 --weight-decay 0.0 --label-smoothing 0.1)
+FLOWSEQ_OPTIM=(--optimizer adam --adam-betas '(0.9,0.999)' --adam-eps 1e-6 --clip-norm 1.0
+               --lr 5e-4 --lr-scheduler step --lr-deacy-period 1 --lr-decay 0.999995)
+FLOWSEQ_BATCH=(--max-tokens 8192 --update-freq "${UPDATE_FREQ:-8}" --num-workers 2)
+FLOWSEQ_LENGTH=(--max-update "${FLOWSEQ_UPDATES:-300000}")
+FLOWSEQ_INIT=${FLOWSEQ_INIT:-30000}
+FLOWSEQ_KL_WARMUP=${FLOWSEQ_KL_WARMUP:-10000}
+NAR_MAX_LEN=${NAR_MAX_LEN:-80}
+# -- fairseq's vanilla NAT as in fairseq's NAT example (transformer-base sizes, 300k updates)
+NAT_MODEL=(--arch nonautoregressive_transformer --share-all-embeddings)
+NAT_REG=(--dropout 0.3 --weight-decay 0.01 --label-smoothing 0.1)
+NAT_OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.0 --lr 5e-4 --lr-scheduler inverse_sqrt
+           --warmup-updates 10000 --warmup-init-lr 1e-7 --stop-min-lr 1e-9)
+NAT_BATCH=(--max-tokens 8192 --update-freq "${UPDATE_FREQ:-8}" --num-workers 2)
+NAT_LENGTH=(--max-update "${NAT_UPDATES:-300000}")
+source "$(dirname "$0")/../common/flowseq.sh"
+flowseq_setup
 
 run_stages
