@@ -474,17 +474,31 @@ def test_pointless_or_impossible_options_are_refused_by_name(options, flag):
         validate_generation_config(cfg(**options))
 
 
-def test_valid_options_pass():
-    for options in [
-        dict(),
-        dict(decoding="sample", temperature=0.5),
-        dict(decoding="sample", length_candidates=3),
-        dict(decoding="iwd", length_candidates=3, samples=5, temperature=0.3, iwd_samples=1),
-        dict(decoding="npd", length_candidates=3, samples=5, temperature=0.3, teacher_path="t.pt"),
-    ]:
-        validate_generation_config(cfg(**options))
-    validate_generation_config(cfg(decoding="npd", length_candidates=2), teacher_given=True)
-    validate_generation_config(Namespace(flowseq_decoding="argmax", flowseq_temperature=0.0))  # a bare namespace
+@pytest.mark.parametrize(
+    "valid,invalid_neighbour",
+    [
+        (dict(), dict(temperature=0.5)),
+        (dict(decoding="sample", temperature=0.5), dict(decoding="sample", temperature=-0.5)),
+        (dict(decoding="sample", length_candidates=3), dict(decoding="sample", length_candidates=0)),
+        (dict(decoding="iwd", length_candidates=3, samples=5, temperature=0.3, iwd_samples=1),
+         dict(decoding="iwd", length_candidates=3, samples=5, temperature=0.3, iwd_samples=0)),
+        (dict(decoding="npd", length_candidates=3, samples=5, temperature=0.3, teacher_path="t.pt"),
+         dict(decoding="npd", length_candidates=3, samples=5, temperature=0.3)),
+    ],
+)  # fmt: skip
+def test_valid_options_pass_and_their_invalid_neighbours_do_not(valid, invalid_neighbour):
+    """Each accepted configuration differs in one field from a refused one: the validator draws the line
+    between them, not merely accepts everything."""
+    assert validate_generation_config(cfg(**valid)) is None
+    with pytest.raises(ValueError, match="--flowseq-"):
+        validate_generation_config(cfg(**invalid_neighbour))
+
+
+def test_a_teacher_given_elsewhere_and_a_bare_namespace_are_accepted():
+    assert validate_generation_config(cfg(decoding="npd", length_candidates=2), teacher_given=True) is None
+    with pytest.raises(ValueError, match="--flowseq-teacher-path"):
+        validate_generation_config(cfg(decoding="npd", length_candidates=2), teacher_given=False)
+    assert validate_generation_config(Namespace(flowseq_decoding="argmax", flowseq_temperature=0.0)) is None
 
 
 def test_missing_teacher_checkpoint_is_named(tmp_path):
