@@ -32,7 +32,6 @@ per-round numbers to bench/results/soft_beam_step_time.log (JSON lines); ``--no-
 """
 import argparse
 import datetime
-import json
 import os
 import random
 import statistics
@@ -297,16 +296,7 @@ def main(cli):
     print()
     print(table)
     if not cli.no_write:
-        os.makedirs(cli.out_dir, exist_ok=True)
-        with open(os.path.join(cli.out_dir, cli.out_name + ".md"), "w") as f:
-            f.write("# bench/soft_beam_step_time.py results\n\n" + table)
-        with open(os.path.join(cli.out_dir, cli.out_name + ".log"), "a") as f:
-            f.write(json.dumps({"run": datetime.datetime.now().isoformat(timespec="seconds"),
-                                "command": throughput.command_line(),
-                                "machine": throughput.machine_description(cli)}) + "\n")  # fmt: skip
-            for rec in raw:
-                f.write(json.dumps(rec) + "\n")
-
+        throughput.write_results(cli, "bench/soft_beam_step_time.py", table, raw)
 
 if __name__ == "__main__":
     main(CLI)

@@ -391,14 +391,19 @@ def main(cli):
     print()
     print(table)
     if not cli.no_write:
-        os.makedirs(cli.out_dir, exist_ok=True)
-        with open(os.path.join(cli.out_dir, cli.out_name + ".md"), "w") as f:
-            f.write("# bench/throughput.py results\n\n" + table)
-        with open(os.path.join(cli.out_dir, cli.out_name + ".log"), "a") as f:
-            f.write(json.dumps({"run": datetime.datetime.now().isoformat(timespec="seconds"),
-                                "command": command_line(), "machine": machine_description(cli)}) + "\n")
-            for rec in raw:
-                f.write(json.dumps(rec) + "\n")
+        write_results(cli, "bench/throughput.py", table, raw)
+
+
+def write_results(cli, script: str, table: str, raw) -> None:
+    """The markdown table to OUT_DIR/OUT_NAME.md (rewritten) and the run's records to OUT_NAME.log (appended)."""
+    os.makedirs(cli.out_dir, exist_ok=True)
+    with open(os.path.join(cli.out_dir, cli.out_name + ".md"), "w") as f:
+        f.write(f"# {script} results\n\n" + table)
+    with open(os.path.join(cli.out_dir, cli.out_name + ".log"), "a") as f:
+        f.write(json.dumps({"run": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "command": command_line(), "machine": machine_description(cli)}) + "\n")
+        for rec in raw:
+            f.write(json.dumps(rec) + "\n")
 
 
 if __name__ == "__main__":
