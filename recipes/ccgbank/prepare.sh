@@ -93,11 +93,6 @@ for split in train valid test; do
     "$OUT_DIR/raw/$split.words" "$OUT_DIR/raw/$split.tags" || die "$split: words and supertags are not aligned (see above)"
 done
 
-phase "binarising with fairseq-preprocess"
-fairseq-preprocess --source-lang words --target-lang tags \
-  --trainpref "$OUT_DIR/raw/train" --validpref "$OUT_DIR/raw/valid" --testpref "$OUT_DIR/raw/test" \
-  --destdir "$OUT_DIR/bin" --workers 1 > "$OUT_DIR/preprocess.log" 2>&1 \
-  || { tail -20 "$OUT_DIR/preprocess.log" >&2; die "fairseq-preprocess failed: $OUT_DIR/preprocess.log"; }
-printf 'SRC=words\nTGT=tags\n' > "$OUT_DIR/pair.env"
+binarize_tagging "$OUT_DIR"
 echo "  supertags: $(grep -vc '^madeupword' "$OUT_DIR/bin/dict.tags.txt") (+ 4 special symbols); words: $(wc -l < "$OUT_DIR/bin/dict.words.txt")"
 phase "done: $OUT_DIR/bin; next: recipes/ccgbank/run.sh $OUT_DIR EXP_DIR"

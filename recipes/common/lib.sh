@@ -107,6 +107,18 @@ spm_and_binarize() {
 }
 
 # DIR/{train,valid,test}.{SRC,TGT}, checked pairwise, copied to OUT/raw.
+# binarize_tagging OUT_DIR: OUT_DIR/raw/{train,valid,test}.{words,tags} -> OUT_DIR/bin with separate word and
+# label dictionaries (the target dictionary holds labels only), and OUT_DIR/pair.env
+binarize_tagging() {
+  local out=$1
+  phase "binarising with fairseq-preprocess"
+  fairseq-preprocess --source-lang words --target-lang tags \
+    --trainpref "$out/raw/train" --validpref "$out/raw/valid" --testpref "$out/raw/test" \
+    --destdir "$out/bin" --workers 1 > "$out/preprocess.log" 2>&1 \
+    || { tail -20 "$out/preprocess.log" >&2; die "fairseq-preprocess failed: $out/preprocess.log"; }
+  printf 'SRC=words\nTGT=tags\n' > "$out/pair.env"
+}
+
 copy_plain_splits() {
   local dir=$1 out=$2 src=$3 tgt=$4 split lang
   for split in train valid test; do require_parallel "$dir/$split.$src" "$dir/$split.$tgt"; done
