@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality benchmark on Multi30k en->de (CPU-sized): teacher forcing vs parallel scheduled sampling
-# (issue 2), and vs hard and differentiable scheduled sampling, the rows of Table 1 of Goyal et al.
-# 2017 (issue 3: DSS=1).
+# (Duckworth et al.), and vs hard and differentiable scheduled sampling, the rows of Table 1 of Goyal et al.
+# 2017 (DSS=1).
 #
 # Usage: bench/quality_multi30k.sh MULTI30K_DIR [RUN_DIR]      (RUN_DIR default: bench/runs/quality_multi30k)
 #   MULTI30K_DIR: the raw release files (train/val/test_2016_flickr.{en,de}); read, never copied here.

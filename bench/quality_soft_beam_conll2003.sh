@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quality benchmark (issue 4): the rows of Tables 4.1/4.2 and 5.1-5.3 of Goyal's thesis on
+# Quality benchmark: the rows of Tables 4.1/4.2 and 5.1-5.3 of Goyal's thesis on
 # CoNLL-2003 English with the seq2seq tagger, through recipes/conll2003/run.sh.
 #
 # Usage: bench/quality_soft_beam_conll2003.sh CONLL2003_DIR [RUN_DIR]    (RUN_DIR default: bench/runs/soft_beam_conll2003)

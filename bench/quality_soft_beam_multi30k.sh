@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quality benchmark (issue 4): Table 5.4 of Goyal's thesis (and the MT rows of Table 5.1) in
+# Quality benchmark: Table 5.4 of Goyal's thesis (and the MT rows of Table 5.1) in
 # miniature on Multi30k en->de: an attentional LSTM trained with cross-entropy ("Regular") and
 # self-normalized, each fine-tuned with the soft beam search loss under local and under global
 # normalization, decoded greedy, beam 3, soft beam 3 and beam 3 on raw scores, sacreBLEU.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Training step time of the soft beam search loss (Goyal's thesis, chapter 4; issue 4) against
+"""Training step time of the soft beam search loss (Goyal's thesis, chapter 4) against
 cross-entropy on the seq2seq tagger, and against sequential scheduled sampling on a transformer.
 
 Three model groups, every variant of a group timed on the SAME weights, optimizer state and batches:
@@ -26,6 +26,7 @@ Usage:
     OMP_NUM_THREADS=1 python3 bench/soft_beam_step_time.py            # default: a few minutes on CPU
     python3 bench/soft_beam_step_time.py --device cuda --rounds 10
     python3 bench/soft_beam_step_time.py --groups tagger_ner --rounds 3 --no-write
+    OMP_NUM_THREADS=1 python3 bench/soft_beam_step_time.py --runs 5   # each ratio: median and range over 5 runs
 
 Writes bench/results/soft_beam_step_time.md (table + exact command; rewritten) and appends the raw
 per-round numbers to bench/results/soft_beam_step_time.log (JSON lines); ``--no-write`` skips both.
@@ -37,6 +38,8 @@ import random
 import statistics
 import sys
 import time
+
+import independent_runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -73,6 +76,7 @@ def parse_cli(argv=None):
     g.add_argument("--rounds", type=int, default=5, help="timed rounds")
     g.add_argument("--warmup-rounds", type=int, default=1)
     g.add_argument("--seed", type=int, default=1)
+    independent_runs.add_arguments(g)
     g.add_argument("--data-dir", default=os.path.join(REPO, "bench", "runs", "soft_beam_step_time_data"))
     g = p.add_argument_group("output")
     g.add_argument("--out-dir", default=os.path.join(HERE, "results"))
@@ -269,6 +273,8 @@ def render(groups, results, cli, wall):
 
 
 def main(cli):
+    if independent_runs.repeat(cli, "bench/soft_beam_step_time.py"):
+        return
     torch.set_num_threads(cli.threads)
     start = time.perf_counter()
     names = [g.strip() for g in cli.groups.split(",") if g.strip()]

@@ -26,8 +26,9 @@ Usage (defaults: 3-layer 256-wide transformer, 8000 symbols, reverse task with l
 ~3000 tokens per batch, one CPU thread):
 
     OMP_NUM_THREADS=1 python3 bench/throughput.py
+    OMP_NUM_THREADS=1 python3 bench/throughput.py --passes 1 --no-sequential --runs 5   # median and range over 5 runs
     OMP_NUM_THREADS=1 python3 bench/throughput.py --passes "" --dss-passes 1,2 --dss-sequential \
-        --ss-conditioning argmax --out-name throughput_dss          # differentiable_ss (issue 3)
+        --ss-conditioning argmax --out-name throughput_dss          # differentiable_ss
     python3 bench/throughput.py --device cuda --threads 4 --rounds 10   # on a GPU machine
 
 Writes the markdown table and the command to bench/results/throughput.md and appends the raw
@@ -42,6 +43,8 @@ import shlex
 import statistics
 import sys
 import time
+
+import independent_runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -86,6 +89,7 @@ def parse_cli(argv=None):
     g.add_argument("--warmup-rounds", type=int, default=1)
     g.add_argument("--seq-rounds", type=int, default=3, help="timed rounds that include sequential_ss")
     g.add_argument("--seed", type=int, default=1)
+    independent_runs.add_arguments(g)
     g.add_argument("--profile", metavar="VARIANT", default=None,
                    help="instead of benchmarking, profile VARIANT (e.g. parallel_ss_k1) with torch.profiler")
     g = p.add_argument_group("output")
@@ -359,6 +363,8 @@ def profile(bench, name, steps=3):
 
 
 def main(cli):
+    if independent_runs.repeat(cli, "bench/throughput.py"):
+        return
     torch.set_num_threads(cli.threads)
     start = time.perf_counter()
     bench = Bench(cli)

@@ -1,4 +1,5 @@
-"""Beam search over raw, unnormalised decoder scores (Goyal's thesis, ../shared/papers/003_*, section 5.2).
+"""Beam search over raw, unnormalised decoder scores (K. Goyal, "Characterizing and Overcoming
+the Limitations of Neural Autoregressive Models", PhD thesis, Carnegie Mellon University, 2021, section 5.2).
 
 A globally normalised sequence model scores a sequence by the sum of its decoder's raw output scores
 (logits) ``s(y) = sum_t f(h_t, y_t)``, with no softmax at each step, so its beam search ranks

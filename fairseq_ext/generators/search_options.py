@@ -1,4 +1,5 @@
-"""Decoding options of search-aware models (Goyal's thesis, ../shared/papers/003_*, chapters 4-5).
+"""Decoding options of search-aware models (K. Goyal, "Characterizing and Overcoming the Limitations of Neural
+Autoregressive Models", PhD thesis, Carnegie Mellon University, 2021, chapters 4-5).
 
 fairseq's ``GenerationConfig`` cannot be extended by a plugin, so these knobs live in the task
 config (``--task tagging``, ``--task search_aware_translation``), which inherits

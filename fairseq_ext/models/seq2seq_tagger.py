@@ -1,8 +1,9 @@
 """Model ``seq2seq_tagger``: the seq2seq tagging model with fixed monotone attention.
 
-Goyal's thesis (../shared/papers/003_*), section 5.4.2 "Tagging model for ablation study", and
-sections 4.5.1-4.5.2; Goyal et al., "A Continuous Relaxation of Beam Search" / differentiable
-scheduled sampling (../shared/papers/001_*), section 5 and its footnote 4:
+K. Goyal, "Characterizing and Overcoming the Limitations of Neural Autoregressive Models" (PhD thesis,
+Carnegie Mellon University, 2021), section 5.4.2 "Tagging model for ablation study", and sections
+4.5.1-4.5.2; Goyal, Dyer and Berg-Kirkpatrick, "Differentiable Scheduled Sampling for Credit
+Assignment" (ACL 2017), section 5 and its footnote 4:
 
 * an LSTM encoder, bidirectional in both papers' NER and supertagging experiments; with a
   unidirectional encoder step ``i`` sees only words ``1..i`` (the thesis's label-bias ablation,
