@@ -1,7 +1,7 @@
 """parallel_ss (Algorithm 2) and sequential_ss (Algorithm 1) against teacher forcing, a slow loop
-written from the paper, Theorem 2.1, greedy decoding, and invariances."""
+written from the paper, greedy decoding, and invariances (Theorem 2.1 and the options that shape
+the drawn tokens: tests/test_ss_options.py)."""
 import copy
-import itertools
 
 import pytest
 import scipy.stats
@@ -177,67 +177,9 @@ def test_copy_rule_freezes_position_t_after_pass_t():
 
 
 # -- Theorem 2.1 ----------------------------------------------------------------------------------
-def exact_sequence_distribution(driver, sample, gold_row, support, pad, temperature):
-    """p(z) for every conditioning sequence z over ``support`` by the chain rule (ancestral sampling)."""
-    sequences = list(itertools.product(support, repeat=gold_row.numel() - 1))
-    inputs = torch.tensor([[gold_row[0].item(), *z] for z in sequences])
-    rows = {k: v[:1].expand(len(sequences), *v.shape[1:]) for k, v in sample["net_input"].items()}
-    batch = {"net_input": {**rows, "prev_output_tokens": inputs}}
-    with torch.no_grad():
-        lprobs = driver.log_probs(driver.forward(batch, inputs, driver.encode(batch)))  # S x T x V
-    lprobs = lprobs / temperature
-    lprobs[..., pad] = float("-inf")
-    lprobs = lprobs.log_softmax(-1)
-    logp = sum(lprobs[torch.arange(len(sequences)), t - 1, inputs[:, t]] for t in range(1, inputs.size(1)))
-    return sequences, logp.exp()
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_theorem_2_1_p1_and_k_ge_t_is_ancestral_sampling(temperature):
-    """Chi-square goodness of fit of 20,000 conditioning sequences (3 positions, 5 tokens each: 125
-    outcomes) against the model's exact ancestral distribution; K = 1 < T must be rejected."""
-    task, model, ss = build("transformer", "parallel_ss", num_symbols=2, seed=3)
-    with torch.no_grad():  # a peaked, context-dependent model: far from uniform and from K = 1
-        for p in model.decoder.parameters():
-            p.mul_(6.0)
-    model.eval()
-    pad = task.tgt_dict.pad()
-    sample = tiny.translation_batch(task, [([0, 1], [1, 0, 1])])
-    driver = ss.driver(model)
-    gold_row = driver.decoder_inputs(sample)[0]  # [EOS, y1, y2, y3]
-    support = [i for i in range(len(task.tgt_dict)) if i != pad]
-    sequences, exact = exact_sequence_distribution(driver, sample, gold_row, support, pad, temperature)
-    index = {z: i for i, z in enumerate(sequences)}
-
-    n = 20000
-    big = {k: v.expand(n, *v.shape[1:]) for k, v in sample["net_input"].items()}
-    big_sample = {"net_input": big}
-    gold = gold_row.unsqueeze(0).expand(n, -1)
-    enc = driver.encode(big_sample)
-    draw = lambda lp: draw_tokens(lp, "sample", temperature, banned=(pad,))  # noqa: E731
-
-    def counts(num_passes):
-        torch.manual_seed(11)
-        with torch.no_grad():
-            tokens, _ = parallel_scheduled_sampling(
-                gold, replaceable_positions(gold, pad), 1.0, num_passes,
-                lambda t, o: driver.selected_scores(big_sample, t, o, enc), draw,
-            )  # fmt: skip
-        c = torch.zeros(len(sequences))
-        for row in tokens[:, 1:].tolist():
-            c[index[tuple(row)]] += 1
-        return c
-
-    def p_value(observed):
-        expected = exact * n
-        big_bins = expected >= 5  # pool rare outcomes so the chi-square approximation holds
-        obs = torch.cat([observed[big_bins], observed[~big_bins].sum().view(1)]).double().numpy()
-        exp = torch.cat([expected[big_bins], expected[~big_bins].sum().view(1)]).double().numpy()
-        return scipy.stats.chisquare(obs, exp / exp.sum() * obs.sum()).pvalue
-
-    assert p_value(counts(3)) > 1e-3  # K = T = 3
-    assert p_value(counts(4)) > 1e-3  # K > T
-    assert p_value(counts(1)) < 1e-6  # K < T: positions 2, 3 condition on gold, not on the sample
+# Tested through the registered criterions on a hand-built autoregressive model whose ancestral law
+# is spread over many outcomes: tests/test_ss_options.py (test_theorem_2_1_...), with the options
+# that shape the drawn tokens (--ss-prob, --ss-temperature, --ss-conditioning, the padding ban).
 
 
 # -- sequential_ss ----------------------------------------------------------------------------------
@@ -347,17 +289,27 @@ def test_mismatched_targets_are_refused():
 
 
 def test_sampling_draws_follow_the_tempered_distribution_and_never_draw_banned_tokens():
+    """Chi-square goodness of fit of 40,000 draws per row against softmax(logits / T) with the
+    banned token removed (accepted at p > 1e-3); the same statistic rejects the other temperature
+    (p < 1e-6), so an ignored temperature cannot pass."""
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 0.5, -1.0, 1.0, 3.0], [0.0, 0.0, 5.0, 0.0, -3.0]])
     n = 40000
-    for temperature in (1.0, 0.7):
+
+    def law(temperature):
         expected = torch.softmax(logits / temperature, -1)
         expected[:, 1] = 0.0
-        expected = expected / expected.sum(-1, keepdim=True)
+        return (expected / expected.sum(-1, keepdim=True)).double()
+
+    def p_value(counts, probs):
+        exp = probs * n
+        return scipy.stats.chisquare(counts[exp > 0].numpy(), exp[exp > 0].numpy() / exp.sum().item() * n).pvalue
+
+    for temperature, other in ((1.0, 0.7), (0.7, 1.0)):
         draws = draw_tokens(logits.log_softmax(-1).repeat_interleave(n, 0), "sample", temperature, banned=(1,))
         for row in range(2):
             counts = torch.bincount(draws[row * n : (row + 1) * n], minlength=5).double()
             assert counts[1] == 0
-            exp = expected[row].double() * n
-            assert scipy.stats.chisquare(counts[exp > 0].numpy(), exp[exp > 0].numpy() / exp.sum().item() * n).pvalue > 1e-3
+            assert p_value(counts, law(temperature)[row]) > 1e-3
+            assert p_value(counts, law(other)[row]) < 1e-6
     assert draw_tokens(logits, "argmax", banned=(4,)).tolist() == [0, 2]

@@ -77,6 +77,7 @@ def last_valid(log, key):
     return float(re.search(rf"\| {key} (-?[0-9.]+)", lines[-1]).group(1))
 
 
+@pytest.mark.slow  # two fairseq-train runs and a fairseq-generate
 def test_training_drives_log_z_to_zero_and_logs_train_and_valid_statistics(reverse_data_bin, tmp_path):
     flags = cli.TINY_TRANSFORMER + ["--max-epoch", "6", "--max-tokens", "500", "--label-smoothing", "0.1"]
     ce_log = cli.train(reverse_data_bin, str(tmp_path / "ce"), flags + ["--criterion", "self_normalized_cross_entropy",
