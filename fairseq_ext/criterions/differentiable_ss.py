@@ -13,6 +13,14 @@ time stay hard (the generator's argmax / beam search).  The algorithms are in
 ``--dss-decoding sequential`` (default) is the paper's step-by-step decoder with fairseq's
 incremental state; ``parallel`` runs K full passes (``--dss-num-passes``), exact when K >= T - 1
 and an approximation with credit reaching back K predictions otherwise (see the module docstring).
+The paper has only the sequential decoder.  "Exact" holds with dropout off: in training mode every
+pass draws its own dropout masks, so the parallel mode then matches the sequential one in
+distribution only.
+
+With ``--dss-alpha-schedule exponential`` (and any rising --ss-schedule), the training loss at an
+update is conditioned on inputs relaxed with that update's alpha, so training losses are not
+comparable across updates; validation is teacher-forced (see ``scheduled_sampling_base``), so the
+validation loss does not depend on alpha or p.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -39,7 +47,6 @@ from fairseq_ext.modules.relaxations import (
     relaxation_ranking,
     relaxed_embeddings,
 )
-from fairseq_ext.modules.scheduled_sampling import replaceable_positions
 from fairseq_ext.modules.schedules import ALPHA_SCHEDULE_CHOICES, SCHEDULE_CHOICES, AlphaSchedule
 
 DSS_DECODING_CHOICES = ChoiceEnum(["sequential", "parallel"])
@@ -188,7 +195,7 @@ class DifferentiableScheduledSamplingCriterion(MixingCriterionBase):
 
     def conditioned_forward(self, driver, sample, prob):
         gold = driver.decoder_inputs(sample)
-        use_model = replaceable_positions(gold, self.padding_idx)
+        use_model = self.replaceable(gold)
         use_model &= torch.rand(gold.shape, device=gold.device) < prob  # coins, drawn once per batch
         relax, rank = self.relaxation(driver, use_model)
         gold_vectors = driver.embed(gold)  # B x T x D
@@ -205,7 +212,7 @@ class DifferentiableScheduledSamplingCriterion(MixingCriterionBase):
                 "DDP/FSDP wrappers do not synchronise: use --ddp-backend legacy_ddp, or --dss-decoding parallel"
             )
         encoder_out = driver.encode(sample)
-        incremental_state = {}
+        incremental_state = self.step_state(gold)  # None: full prefixes (left-padded batch)
 
         def step(prefix, prefix_vectors):
             return driver.step_from_embeddings(prefix, prefix_vectors, encoder_out, incremental_state)  # B x C
@@ -239,7 +246,7 @@ class DifferentiableScheduledSamplingCriterion(MixingCriterionBase):
             return relax(predicted, where) if top_k is None else relax(predicted[0], where, predicted[1])
 
         vectors, hard = parallel_differentiable_ss(
-            gold, gold_vectors, use_model, self.num_passes, predict, relax_predicted
+            gold, gold_vectors, use_model, self.num_passes, predict, relax_predicted, timestep=self.timesteps(gold)
         )
         return driver.forward_from_embeddings(sample, gold, vectors, encoder_out), hard
 

@@ -12,7 +12,7 @@ import torch
 from fairseq.criterions import register_criterion
 
 from fairseq_ext.criterions.scheduled_sampling_base import ScheduledSamplingConfig, ScheduledSamplingCriterionBase
-from fairseq_ext.modules.scheduled_sampling import parallel_scheduled_sampling, replaceable_positions
+from fairseq_ext.modules.scheduled_sampling import parallel_scheduled_sampling
 
 
 @dataclass
@@ -46,11 +46,12 @@ class ParallelScheduledSamplingCriterion(ScheduledSamplingCriterionBase):
         with torch.no_grad():
             tokens, from_model = parallel_scheduled_sampling(
                 gold,
-                replaceable_positions(gold, self.padding_idx),
+                self.replaceable(gold),
                 prob,
                 self.num_passes,
                 predict,
                 self.draw,
+                timestep=self.timesteps(gold),
             )
         net_output = driver.forward(sample, tokens, encoder_out)
         return net_output, tokens, from_model

@@ -4,7 +4,12 @@ the update count, logging and the loss.
 All subclass fairseq's label-smoothed cross-entropy and reuse its loss (``label_smoothed_nll_loss``
 through ``compute_loss``), accuracy and metrics; only the decoder inputs of the loss pass change.
 Scheduled sampling applies in training only: validation is teacher-forced, as in tensor2tensor
-("only in TRAIN mode"), so validation losses stay comparable with a teacher-forced baseline.
+("only in TRAIN mode"), so validation losses stay comparable with a teacher-forced baseline and
+across updates.  The training loss is not: it is conditioned on inputs drawn with the current p
+(and, for differentiable_ss, relaxed with the current alpha), which the schedules change.
+
+With ``--ignore-prefix-size N`` the first N target tokens (a forced prefix such as a target-language
+tag) carry no loss and are always fed gold, as inference forces them; BOS is always fed gold.
 """
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,7 +23,14 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from fairseq_ext.modules.decoder_driver import DecoderDriver, check_teacher_forcing_shift
-from fairseq_ext.modules.scheduled_sampling import CONDITIONING_CHOICES, draw_tokens, replaceable_positions
+from fairseq_ext.modules.option_checks import check_label_smoothing
+from fairseq_ext.modules.scheduled_sampling import (
+    CONDITIONING_CHOICES,
+    draw_tokens,
+    left_padded,
+    replaceable_positions,
+    timesteps,
+)
 from fairseq_ext.modules.schedules import SCHEDULE_CHOICES, MixingSchedule
 from fairseq_ext.modules.update_count import UpdateCountReader
 
@@ -87,6 +99,18 @@ def check_conditioning_arguments(conditioning: str, temperature: Optional[float]
         raise ValueError(f"--ss-temperature must be > 0, got {temperature}")
 
 
+def check_prefix_and_padding(task, ignore_prefix_size: int):
+    """Refuse --ignore-prefix-size with --left-pad-target True: fairseq's loss drops the first N target
+    COLUMNS, which in a left-padded row are padding rather than the row's first N tokens, while the
+    inputs fed gold are the row's first N tokens; the two would disagree on every shorter row."""
+    task_cfg = getattr(task, "cfg", None) or getattr(task, "args", None)
+    if ignore_prefix_size > 0 and getattr(task_cfg, "left_pad_target", False):
+        raise ValueError(
+            f"--ignore-prefix-size {ignore_prefix_size} needs right-padded targets (fairseq's loss drops the "
+            "first target columns): drop --left-pad-target"
+        )
+
+
 class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed cross-entropy conditioned on decoder inputs that mix gold and model predictions.
 
@@ -99,6 +123,8 @@ class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
 
     def __init__(self, task, cfg: MixingScheduleConfig, default_inverse_sigmoid_k: Optional[float] = None):
         # fairseq's build_criterion passes the whole config to a parameter named cfg
+        check_label_smoothing(cfg.label_smoothing)
+        check_prefix_and_padding(task, cfg.ignore_prefix_size)
         super().__init__(
             task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy
         )
@@ -128,6 +154,39 @@ class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
             self._driver = DecoderDriver(model, self.criterion_name)  # raises for a model it cannot drive
         return self._driver
 
+    def replaceable(self, gold):
+        """B x T bool: decoder inputs the model may supply: not BOS, not the --ignore-prefix-size forced
+        tokens after it, not padding (left or right)."""
+        return replaceable_positions(gold, self.padding_idx, self.ignore_prefix_size)
+
+    def timesteps(self, gold):
+        """B x T timestep of each decoder input within its row (the column, unless left-padded)."""
+        return timesteps(gold, self.padding_idx)
+
+    def step_state(self, gold):
+        """A fresh incremental decoding state for a step-by-step pass over ``gold``, or None to re-run
+        the causal decoder on the whole prefix at each step.
+
+        fairseq's incremental decoding assumes right padding: a transformer decoder then gives every
+        row the position of the step (not of the row's own token count) and, at a left-padded row's
+        leading padding, attends over padding only (NaN).  A left-padded batch is therefore decoded
+        with the full prefix at each step, which computes positions and padding masks as the
+        teacher-forced pass does (T passes over prefixes, quadratic in T instead of linear)."""
+        return None if left_padded(gold, self.padding_idx) else {}
+
+    def get_lprobs_and_target(self, model, net_output, sample):
+        """fairseq's, with the log-probabilities from the driver: the same values, but with a backward
+        pass under an adaptive softmax (whose get_log_prob has none)."""
+        driver = self.driver(model)
+        if not driver.differentiable_adaptive_softmax:
+            return super().get_lprobs_and_target(model, net_output, sample)
+        lprobs = driver.log_probs(net_output)  # B x T x V
+        target = model.get_targets(sample, net_output)  # B x T
+        if self.ignore_prefix_size > 0:
+            lprobs = lprobs[:, self.ignore_prefix_size :, :].contiguous()
+            target = target[:, self.ignore_prefix_size :].contiguous()
+        return lprobs.view(-1, lprobs.size(-1)), target.view(-1)
+
     def forward(self, model, sample, reduce=True):
         """Compute the loss for the given sample.
 
@@ -146,7 +205,7 @@ class MixingCriterionBase(LabelSmoothedCrossEntropyCriterion):
             net_output, tokens, from_model = model(**sample["net_input"]), gold, None
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        replaceable = replaceable_positions(gold, self.padding_idx)
+        replaceable = self.replaceable(gold)
         logging_output = {
             "loss": loss.data,
             "nll_loss": nll_loss.data,

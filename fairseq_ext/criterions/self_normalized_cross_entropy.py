@@ -22,6 +22,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 from torch import Tensor
 
+from fairseq_ext.modules.option_checks import check_label_smoothing
+
 
 @dataclass
 class SelfNormalizedCrossEntropyConfig(LabelSmoothedCrossEntropyCriterionConfig):
@@ -54,6 +56,7 @@ def log_z_moments(meters):
 @register_criterion("self_normalized_cross_entropy", dataclass=SelfNormalizedCrossEntropyConfig)
 class SelfNormalizedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, task, cfg: SelfNormalizedCrossEntropyConfig):
+        check_label_smoothing(cfg.label_smoothing)
         super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy)
         if not cfg.self_norm_lambda >= 0.0:
             raise ValueError(f"--self-norm-lambda must be >= 0, got {cfg.self_norm_lambda}")

@@ -2,7 +2,11 @@
 Algorithm 1), the reference baseline of ``parallel_ss``.
 
 The decoder runs step by step with fairseq's incremental state; each next input is chosen (model
-token with probability p, gold otherwise) as soon as the current step is predicted, and the loss
+token with probability p, gold otherwise) as soon as the current step is predicted.  The model's token
+is drawn given the mixed prefix actually fed (Bengio et al. 2015; tensor2tensor), not given the
+model's own earlier samples as the algorithm box of Duckworth et al. reads (see
+``sequential_scheduled_sampling``).  Left-padded batches re-run the whole prefix per step instead of
+using incremental state, which fairseq's transformer decoders compute for right padding only.  The loss
 sums the label-smoothed log-likelihood of the gold targets over the steps, with gradient through
 every step's decoder computation (the chosen tokens themselves are discrete).
 """
@@ -16,7 +20,7 @@ from fairseq_ext.criterions.scheduled_sampling_base import (
     stack_net_output,
 )
 from fairseq_ext.modules.decoder_driver import UnsupportedModelError
-from fairseq_ext.modules.scheduled_sampling import replaceable_positions, sequential_scheduled_sampling
+from fairseq_ext.modules.scheduled_sampling import sequential_scheduled_sampling
 
 
 @dataclass
@@ -39,7 +43,7 @@ class SequentialScheduledSamplingCriterion(ScheduledSamplingCriterionBase):
             )
         encoder_out = driver.encode(sample)  # None for a language model
         gold = driver.decoder_inputs(sample)
-        incremental_state = {}  # a fresh decoding state per forward
+        incremental_state = self.step_state(gold)  # a fresh decoding state per forward (None: full prefixes)
 
         def step(prefix):
             return driver.step(prefix, encoder_out, incremental_state)  # B x C
@@ -48,6 +52,6 @@ class SequentialScheduledSamplingCriterion(ScheduledSamplingCriterionBase):
             return driver.log_probs((out.unsqueeze(1), None)).squeeze(1)
 
         outputs, tokens, from_model = sequential_scheduled_sampling(
-            gold, replaceable_positions(gold, self.padding_idx), prob, step, log_probs, self.draw
+            gold, self.replaceable(gold), prob, step, log_probs, self.draw
         )
         return stack_net_output(outputs), tokens, from_model

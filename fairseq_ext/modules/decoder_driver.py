@@ -68,6 +68,15 @@ def submodules_callable_directly(model) -> bool:
     return isinstance(outer, LegacyDistributedDataParallel)
 
 
+def bare_criterion_name(name: str) -> str:
+    """The registered name alone: callers may pass ``NAME`` or ``--criterion NAME``; messages add the flag once."""
+    name = str(name).strip()
+    flag = "--criterion"
+    if name.startswith(flag) and name[len(flag) : len(flag) + 1] in (" ", "="):
+        name = name[len(flag) + 1 :].strip()
+    return name
+
+
 def _overrides(obj, name: str, base) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name)
 
@@ -76,17 +85,40 @@ def _same_method(obj, name: str, base) -> bool:
     return not _overrides(obj, name, base)
 
 
+def adaptive_softmax_log_probs(adaptive_softmax, features: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the vocabulary of fairseq's ``AdaptiveSoftmax`` (Grave et al., "Efficient
+    softmax approximation for GPUs", 2017): ... x D features -> ... x V, with gradient.
+
+    The same values as ``AdaptiveSoftmax.get_log_prob``, which cannot be backpropagated (it adds the
+    cluster priors in place to a LogSoftmax output that autograd keeps for its backward pass; fairseq
+    trains adaptive softmax only through ``--criterion adaptive_loss``).  The head scores the
+    ``cutoff[0]`` frequent words and one entry per tail cluster; word ``y`` of tail cluster ``i`` has
+    log p(cluster i) + log p(y | cluster i).
+    """
+    lead, dim = features.shape[:-1], features.size(-1)
+    flat = features.reshape(-1, dim)  # M x D
+    head = torch.log_softmax(adaptive_softmax.head(flat), dim=-1)  # M x (cutoff[0] + clusters)
+    shortlist = adaptive_softmax.cutoff[0]
+    parts = [head[:, :shortlist]]
+    for i, tail in enumerate(adaptive_softmax.tail):
+        within = torch.log_softmax(tail(flat), dim=-1)  # M x |cluster i|
+        parts.append(within + head[:, shortlist + i].unsqueeze(-1))
+    return torch.cat(parts, dim=-1).view(*lead, -1)  # ... x V
+
+
 class DecoderDriver:
     """Runs one model's decoder on arbitrary decoder inputs; built once per model by a criterion.
 
     Args:
         model: the model the criterion was called with (possibly wrapped for distributed training).
-        criterion_name: used in error messages.
+        criterion_name: the registered criterion name, used in error messages as ``--criterion NAME``
+            (a leading ``--criterion`` is accepted and dropped, so the flag is never printed twice).
     """
 
     def __init__(self, model, criterion_name: str):
         self.model = model
         self.inner = unwrap_model(model)
+        criterion_name = bare_criterion_name(criterion_name)
         self.criterion_name = criterion_name
         self.kind = model_kind(self.inner, criterion_name)
         self.decoder = self.inner.decoder
@@ -101,15 +133,19 @@ class DecoderDriver:
         self.incremental_has_gradient = not any(
             isinstance(m, LinearizedConvolution) for m in self.decoder.modules()
         )
-        self.plain_softmax_output = (
-            getattr(self.decoder, "adaptive_softmax", None) is None
-            and _same_method(self.inner, "get_normalized_probs", BaseFairseqModel)
+        self.adaptive_softmax = getattr(self.decoder, "adaptive_softmax", None)
+        stock_normalization = (
+            _same_method(self.inner, "get_normalized_probs", BaseFairseqModel)
             and _same_method(self.decoder, "get_normalized_probs", FairseqDecoder)
             and _same_method(self.decoder, "get_normalized_probs_scriptable", FairseqDecoder)
         )
+        self.plain_softmax_output = self.adaptive_softmax is None and stock_normalization
+        # fairseq's get_normalized_probs with an adaptive softmax is its get_log_prob, which has no
+        # backward pass: the same log-probabilities are computed differentiably instead
+        self.differentiable_adaptive_softmax = self.adaptive_softmax is not None and stock_normalization
         if not self.direct:
             logger.warning(
-                f"{criterion_name}: the model is wrapped by {type(model.module if isinstance(model, ModuleProxyWrapper) else model).__name__}, "
+                f"--criterion {criterion_name}: the model is wrapped by {type(model.module if isinstance(model, ModuleProxyWrapper) else model).__name__}, "
                 "whose gradient hooks run only through forward(); every pass goes through model(...) and the "
                 "encoder is recomputed per pass. --ddp-backend legacy_ddp avoids that cost."
             )
@@ -152,34 +188,45 @@ class DecoderDriver:
         if self.direct and self.can_project_subset and (encoder_out is not None or self.kind == LANGUAGE_MODEL):
             width = int(select.any(0).nonzero()[-1]) + 1  # outputs past the last selected one are unused
             features, extra = self.decoder.extract_features(tokens[:, :width], encoder_out=encoder_out)  # B x W x D
-            logits = self.decoder.output_layer(features[select[:, :width]])  # N x V
+            outputs = self.decoder.output_layer(features[select[:, :width]])  # N x C
         else:
-            logits, extra = self.forward(sample, tokens, encoder_out)  # B x T x V
-            logits = logits[select]
+            outputs, extra = self.forward(sample, tokens, encoder_out)  # B x T x C
+            outputs = outputs[select]  # N x C
+        return self.selected_output_scores(outputs, extra)
+
+    def selected_output_scores(self, outputs: torch.Tensor, extra=None) -> torch.Tensor:
+        """N x V scores (as :meth:`selected_scores`) of N x C selected decoder outputs, with gradient.
+
+        C is V for a plain output layer; for an adaptive softmax the output layer returns its input
+        features (C = D), which :meth:`log_probs` projects.  fairseq's get_normalized_probs (and the
+        adaptive softmax's get_log_prob) unpack B x T x C, so the N rows travel as 1 x N x C.
+        """
         if self.plain_softmax_output:
-            return logits
-        return self.inner.get_normalized_probs((logits, extra), log_probs=True)
+            return outputs
+        return self.log_probs((outputs.unsqueeze(0), extra)).squeeze(0)  # N x V
 
     def step(self, prefix, encoder_out, incremental_state):
         """One decoder step on ``prefix`` (B x t): B x C output for the last position, with gradient.
 
-        Incremental (cached) decoding where it keeps gradients; otherwise the full causal prefix.
+        Incremental (cached) decoding where it keeps gradients; otherwise, or when ``incremental_state``
+        is None, the full causal prefix.
         """
-        if self.incremental_has_gradient:
+        if self.incremental_has_gradient and incremental_state is not None:
             out, _ = self.decoder(prefix, encoder_out=encoder_out, incremental_state=incremental_state)
         else:
             out, _ = self.decoder(prefix, encoder_out=encoder_out)
         return out[:, -1]
 
     def log_probs(self, net_output) -> torch.Tensor:
+        """B x T x V log-probabilities of a net_output whose first element is B x T x C, with gradient."""
+        if self.differentiable_adaptive_softmax:
+            return adaptive_softmax_log_probs(self.adaptive_softmax, net_output[0])
         return self.inner.get_normalized_probs(net_output, log_probs=True)
 
     def scores(self, outputs: torch.Tensor) -> torch.Tensor:
         """N x V scores whose softmax is the model's distribution, from N x C decoder outputs, with
         gradient: the outputs themselves for a plain softmax layer, else log-probabilities."""
-        if self.plain_softmax_output:
-            return outputs
-        return self.inner.get_normalized_probs((outputs.unsqueeze(1), None), log_probs=True).squeeze(1)
+        return self.selected_output_scores(outputs)
 
     # -- inputs given as embedding vectors (relaxations) ----------------------------------------
     def input_embedding_matrix(self) -> torch.Tensor:
@@ -250,7 +297,7 @@ class DecoderDriver:
     def output_linear(self):
         """(weight V x D, bias or None) when the decoder's output layer is ``features @ weight.T + bias``
         and its softmax is the model's distribution; else None."""
-        if not self.plain_softmax_output or getattr(self.decoder, "adaptive_softmax", None) is not None:
+        if not self.plain_softmax_output:
             return None
         projection = getattr(self.decoder, "output_projection", None)
         # fairseq's transformer decoders project with output_projection; another decoder can declare
@@ -270,6 +317,7 @@ class DecoderDriver:
 
 def model_kind(model, criterion_name: str) -> str:
     """ENCODER_DECODER or LANGUAGE_MODEL; raises UnsupportedModelError naming what to do otherwise."""
+    criterion_name = bare_criterion_name(criterion_name)
     name = type(model).__name__
     try:
         from fairseq.models.nat import FairseqNATModel
@@ -306,6 +354,7 @@ def check_teacher_forcing_shift(inputs, target, pad: int, criterion_name: str):
     The methods replace input ``i + 1`` by a prediction made at position ``i``; a task whose targets
     are not the inputs shifted left (e.g. language_modeling with --self-target) breaks that.
     """
+    criterion_name = bare_criterion_name(criterion_name)
     nxt = inputs[:, 1:]  # B x (T-1)
     tgt = target[:, : nxt.size(1)]
     both = nxt.ne(pad) & tgt.ne(pad)

@@ -26,14 +26,17 @@ Two ways to compute the inputs:
   the outputs of pass ``k - 1`` and keeps positions ``t < k`` from pass ``k - 1`` (the copy rule),
   all with gradient.  With the same coins and noise, pass ``k`` is exact at positions ``<= k``: the
   passes are a Jacobi iteration of the sequential recurrence, which K >= T - 1 passes solve exactly
-  (tested: values and gradients equal the sequential mode).  With fewer passes, the soft input at a
+  (tested: values and gradients equal the sequential mode).  Exact only with dropout off (or in eval
+  mode): a training-mode pass draws its own dropout masks, so each of the K full passes and the
+  final loss pass sees different masks than the single step-by-step pass of the sequential mode,
+  and the two modes then agree only in distribution, not value by value.  With fewer passes, the soft input at a
   position ``t > K`` is relaxed from an output that saw the earlier inputs of pass ``K - 1`` rather
   than the final ones, and its gradient path is cut at depth K: credit reaches back through at most
   K predictions.  Unlike parallel_ss's fresh coins per pass, the coins and the Gumbel noise here are
   drawn once per batch, so that the iteration has a fixed point (with relaxations the choice made
   at a position is deterministic given them).
 """
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -98,18 +101,22 @@ def parallel_differentiable_ss(
     num_passes: int,
     predict: Callable[[Tensor, Tensor], Tensor],
     relax: Relax,
+    timestep: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """K passes of parallel relaxed prediction (see the module docstring); returns the B x T x D
     inputs of the final pass (with graph through all K passes) and their B x T argmax ids.
 
     ``predict(vectors, outputs)`` runs the decoder on B x T x D inputs and returns N x V scores at the
     B x T bool ``outputs`` (row-major); only outputs that feed a relaxed input are asked for.
+    ``timestep`` (B x T, default: the column index) is each input's timestep within its row, for
+    the copy rule when rows are left-padded.
     """
     tgt_len = gold.size(1)
-    position = torch.arange(tgt_len, device=gold.device).unsqueeze(0)  # 1 x T
+    if timestep is None:
+        timestep = torch.arange(tgt_len, device=gold.device).unsqueeze(0)  # 1 x T
     vectors, hard = gold_vectors, gold
     for k in range(1, num_passes + 1):
-        open_ = position >= k  # 1 x T: positions re-mixed on pass k; t < k are final
+        open_ = timestep >= k  # B x T (or 1 x T): timesteps re-mixed on pass k; t < k are final
         choose = use_model & open_  # B x T
         if not choose.any():
             break  # nothing left to relax: later passes would change nothing

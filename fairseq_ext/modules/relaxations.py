@@ -3,7 +3,7 @@
 Both return the weights ``w`` of a soft one-hot vector over the vocabulary; the soft embedding fed
 to the decoder is ``sum_y e(y) w(y)`` (:func:`fairseq_ext.modules.embedding_inputs.soft_embeddings`).
 
-* soft argmax (eq. of section 3.1):            w = softmax(alpha * s)
+* soft argmax (section 3.1):                   w = softmax(alpha * s)
 * soft reparametrised sample (section 3.2):    w = softmax(alpha * (s + G)),  G_y = -log(-log U_y)
 
 As alpha grows, the first tends to the one-hot of argmax_y s(y) and the second to the one-hot of a
@@ -24,6 +24,14 @@ RELAXATION_CHOICES = ChoiceEnum(["greedy", "sample"])
 # U is kept in [1e-10, 1 - 1e-10]: -log(-log U) stays finite (U = 0 would give -inf)
 _UNIFORM_EDGE = 1e-10
 
+# The largest peakedness used as such; a larger alpha gives the same weights.  exp(-x) underflows to
+# 0 in float32 for x > 104, so at alpha = 1e20 the weights are already the exact one-hot of the argmax
+# whenever the top score leads the next by more than 1.04e-18 (any two distinct float32 scores of
+# magnitude >= 1e-10 do).  Only (near-)ties are affected, and there the cap is what keeps the
+# gradient finite: d softmax(alpha z) / dz = alpha (diag(w) - w w^T) is of order alpha at a tie, which
+# at alpha ~ 1e37 overflows float32 (and an infinite alpha would give inf * 0 = NaN at the maximum).
+MAX_EFFECTIVE_ALPHA = 1e20
+
 
 def gumbel_noise(shape, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
     """Standard Gumbel noise ``-log(-log U)``, U ~ Uniform(0, 1), of ``like``'s dtype and device."""
@@ -38,16 +46,18 @@ def peaked_softmax(
     """``softmax(alpha * (scores + noise))`` over the last dimension (N x V -> N x V weights).
 
     ``banned`` ids (padding) get weight exactly 0, as the hard argmax / sampler never choose them.
-    The row maximum is subtracted first (detached: softmax ignores row constants, so the gradient is
-    unchanged), which keeps ``alpha * scores`` finite for any finite alpha.
+    Safe for any alpha > 0 (values and gradients finite): the row maximum is subtracted first
+    (detached: softmax ignores row constants, so the gradient is unchanged), so ``alpha * z`` is <= 0
+    and cannot overflow to +inf, and alpha is capped at :data:`MAX_EFFECTIVE_ALPHA`, beyond which
+    the weights do not change but the gradient at a tie would overflow.
     """
     z = scores if noise is None else scores + noise
     if banned:
         banned_ids = torch.tensor(list(banned), device=z.device, dtype=torch.long)
         z = z.index_fill(-1, banned_ids, float("-inf"))
     z = z - z.max(dim=-1, keepdim=True).values.detach()
-    alpha = min(alpha, torch.finfo(z.dtype).max)  # an infinite alpha would give inf * 0 at the maximum
-    return torch.softmax(alpha * z, dim=-1)
+    alpha = min(float(alpha), MAX_EFFECTIVE_ALPHA)
+    return torch.softmax(alpha * z, dim=-1)  # N x V
 
 
 def relaxed_embeddings(

@@ -1,15 +1,20 @@
 """Scheduled sampling: choosing the decoder's conditioning tokens as a mix of gold and model tokens.
 
-Duckworth et al., "Parallel Scheduled Sampling" (../shared/papers/000_*): Algorithm 1 (sequential,
-Bengio et al. 2015) and Algorithm 2 (parallel, K passes).  The functions here are model-agnostic:
-the model enters through callbacks, so the tests can drive them with exact toy distributions.
+Duckworth et al., "Parallel Scheduled Sampling": Algorithm 1 (sequential, Bengio et al. 2015) and
+Algorithm 2 (parallel, K passes).  The functions here are model-agnostic: the model enters through
+callbacks, so the tests can drive them with exact toy distributions.
 
 Conventions (fairseq's teacher-forcing layout):
-    gold:        B x T decoder inputs ``[BOS, y_1, ..., y_{T-1}]`` (right-padded); the paper's
-                 timestep t is input position t, and position 0 (BOS) is never replaced.
-    replaceable: B x T bool, True at positions 1..T-1 that hold a token (not padding).
+    gold:        B x T decoder inputs ``[BOS, y_1, ..., y_{T-1}]``, right-padded (fairseq's default)
+                 or left-padded (``--left-pad-target True``); the paper's timestep t is the t-th
+                 token of the row (:func:`timesteps`), the input column t when right-padded.
+    replaceable: B x T bool, True at the tokens of timestep > N, where N is the forced prefix
+                 (``--ignore-prefix-size``, e.g. a target-language tag; 0 by default): BOS and the
+                 prefix are always fed gold, as at inference, and padding is never replaced.
     output i of the decoder predicts input i + 1, so a token drawn from output i is fed at
-    position i + 1 ("predictions shifted right", anchors-methods.md 8.1 item 2).
+    position i + 1 (predictions shifted right, BOS first, as tensor2tensor and OR-NMT do).
+    Padding sits only before BOS or after the last token, so the output i feeding a replaceable
+    input i + 1 always reads a token.
 """
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -21,11 +26,22 @@ from fairseq.dataclass import ChoiceEnum
 CONDITIONING_CHOICES = ChoiceEnum(["sample", "argmax"])
 
 
-def replaceable_positions(gold: Tensor, pad: int) -> Tensor:
-    """B x T bool: positions whose input may be replaced (not BOS at 0, not padding)."""
-    mask = gold.ne(pad)
-    mask[:, 0] = False
-    return mask
+def timesteps(gold: Tensor, pad: int) -> Tensor:
+    """B x T timestep of each input within its row: 0 at BOS, t at the t-th token after it, wherever the
+    padding is (left or right); the column index when right-padded.  Undefined (any value) at padding."""
+    return gold.ne(pad).long().cumsum(1) - 1  # B x T
+
+
+def left_padded(gold: Tensor, pad: int) -> bool:
+    """True when some row of the B x T decoder inputs starts with padding (``--left-pad-target True``):
+    every row holds BOS, so a row that starts with padding is padded on the left."""
+    return bool(gold[:, 0].eq(pad).any())
+
+
+def replaceable_positions(gold: Tensor, pad: int, prefix_size: int = 0) -> Tensor:
+    """B x T bool: inputs that may be replaced: tokens at timestep > ``prefix_size`` (not BOS, not the
+    ``prefix_size`` forced tokens after it, not padding)."""
+    return gold.ne(pad) & timesteps(gold, pad).gt(prefix_size)  # B x T
 
 
 def draw_tokens(lprobs: Tensor, method: str, temperature: float = 1.0, banned: Sequence[int] = ()) -> Tensor:
@@ -78,6 +94,7 @@ def parallel_scheduled_sampling(
     predict: Callable[[Tensor, Tensor], Tensor],
     draw: Callable[[Tensor], Tensor],
     generator: Optional[torch.Generator] = None,
+    timestep: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Algorithm 2: the conditioning tokens of the final pass K.
 
@@ -95,16 +112,19 @@ def parallel_scheduled_sampling(
         replaceable: B x T bool (see :func:`replaceable_positions`).
         prob: probability of feeding the model's own prediction (1 - prob: the gold token).
         num_passes: K >= 1.
+        timestep: B x T timestep t of each input for the copy rule (:func:`timesteps`; needed when
+            left-padded); default: the column index.
     Returns:
         tokens: B x T conditioning tokens of pass K.
         from_model: B x T bool, True where the token of pass K came from the model.
     """
     bsz, tgt_len = gold.shape
-    position = torch.arange(tgt_len, device=gold.device).unsqueeze(0)  # 1 x T
+    if timestep is None:
+        timestep = torch.arange(tgt_len, device=gold.device).unsqueeze(0)  # 1 x T
     tokens = gold
     from_model = torch.zeros_like(replaceable)
     for k in range(1, num_passes + 1):
-        open_ = replaceable & (position >= k)  # B x T: positions t >= k are re-mixed on pass k
+        open_ = replaceable & (timestep >= k)  # B x T: timesteps t >= k are re-mixed on pass k
         coins = torch.rand(bsz, tgt_len, device=gold.device, generator=generator) < prob
         choose = open_ & coins  # B x T: take the model's token here
         mixed = torch.where(open_, gold, tokens)
@@ -126,6 +146,12 @@ def sequential_scheduled_sampling(
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Algorithm 1: decode step by step, choosing each next input as soon as it is predicted.
+
+    The model's token at step t is drawn from p(. | y~_<t, x), the MIXED history of conditioning tokens
+    fed so far, as in Bengio et al. 2015 and tensor2tensor; read literally, the algorithm box of
+    Duckworth et al. conditions the sample on the model's own earlier samples y^_<t (a free-running
+    decoder beside the mixed one).  Both agree at p = 0 and p = 1; in between, the mixed history is the
+    one the loss conditions on, and it costs one decoder instead of two.
 
     ``step(prefix)`` runs the decoder on the B x t prefix (incrementally) and returns its B x C
     output for the last position, keeping the graph (the loss sums log p(y_t | tokens_<t));
