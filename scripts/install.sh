@@ -34,7 +34,9 @@ fi
 if [ "${1:-}" = "--with-tests" ] && ! "$PY" -c 'import pytest' 2>/dev/null; then
   pip_install -r requirements/test.txt
 fi
-if ! "$PY" -c 'import fairseq_ext' 2>/dev/null || [ "$("$PY" -c 'import fairseq_ext, os; print(os.path.dirname(os.path.dirname(os.path.abspath(fairseq_ext.__file__))))' 2>/dev/null)" != "$PWD" ]; then
+# Checked from / so that the checkout itself (the current directory is on sys.path) does not pass for an install.
+installed_from=$(cd / && "$PY" -c 'import fairseq_ext, os; print(os.path.dirname(os.path.dirname(os.path.abspath(fairseq_ext.__file__))))' 2>/dev/null || true)
+if [ "$installed_from" != "$PWD" ]; then
   echo "[install] fairseq_ext (editable, --no-deps)"
   pip_install --no-deps --no-build-isolation -e .
 fi
