@@ -76,7 +76,9 @@ def render_summary(command: str, runs: List[Dict[str, Tuple[float, float, str]]]
                      f"| {runs[0][n][2]} |")
     table_start = last_stdout.find("## ")
     last_table = last_stdout[table_start:] if table_start >= 0 else ""
-    return "\n".join(lines) + "\n\n## The last run's full table\n\n" + last_table.replace("\n## ", "\n### ", 1)
+    if last_table.startswith("## "):
+        last_table = "#" + last_table  # a subsection of the summary
+    return "\n".join(lines) + "\n\n## The last run's full table\n\n" + last_table
 
 
 def repeat(cli, script: str) -> bool:
