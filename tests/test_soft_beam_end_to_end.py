@@ -8,6 +8,8 @@ import pytest
 from fairseq_ext.testing import cli
 from test_resume_and_distributed import bitwise_equal, logged, max_abs_diff, model_weights, train_distributed
 
+pytestmark = pytest.mark.slow  # every test here runs fairseq-train or fairseq-generate
+
 COMMON = cli.TINY_TRANSFORMER + [
     "--task", "translation", "--dropout", "0", "--max-tokens", "500", "--update-epoch-batch-itr", "True",
 ]  # fmt: skip

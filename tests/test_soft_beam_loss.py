@@ -1,12 +1,18 @@
-"""soft_beam_loss and the relaxed beam (thesis Algorithm 3) against slow loops written from the thesis,
-hard beam search, greedy decoding, finite differences, hand-computed hinge values, and invariances."""
+"""soft_beam_loss and the relaxed beam (Goyal's thesis, Continuous relaxation of beam search, Algorithm 3) against
+slow loops written from the thesis, hard beam search, greedy decoding, finite differences, hand-computed hinge
+values, and invariances; and its option checks.  The multi-step reference at finite alpha is in
+test_soft_beam_reference.py."""
 import math
 
 import pytest
 import torch
 
+from fairseq import utils
+
 from fairseq_ext.criterions.soft_beam_loss import parse_cost_weights
+from fairseq_ext.generators.soft_beam_generator import SoftBeamGenerator
 from fairseq_ext.modules.decoder_driver import UnsupportedModelError
+from fairseq_ext.modules.schedules import ALPHA_CEILING
 from fairseq_ext.modules.soft_beam_search import (
     SoftBeamSearch,
     SoftReorder,
@@ -272,18 +278,29 @@ def test_direct_loss_is_the_soft_selection_of_the_running_losses_and_lies_betwee
 
 
 # -- gradients -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("objective", ["direct", "hinge"])
-@pytest.mark.parametrize("normalization", ["local", "global"])
-def test_gradcheck_float64_through_the_whole_relaxed_beam(objective, normalization):
+# the smallest tables that exercise every part: V = 7 (3 symbols), D = 4
+GRADCHECK_DIMS = ["--encoder-embed-dim", "4", "--encoder-hidden-size", "4", "--decoder-embed-dim", "4",
+                  "--decoder-hidden-size", "4", "--decoder-out-embed-dim", "4"]  # fmt: skip
+GRADCHECK_PAIRS = [([0, 1, 2], [2, 1, 0]), ([1, 2], [2, 1, 2, 0])]
+
+
+@pytest.mark.parametrize("objective,normalization,fast", [
+    ("direct", "local", False), ("hinge", "local", True), ("direct", "global", True), ("hinge", "global", True),
+])  # fmt: skip
+def test_gradcheck_float64_through_the_whole_relaxed_beam(objective, normalization, fast):
     """Finite differences of the whole loss (soft picks, mixed LSTM states, soft embeddings, the final
-    soft selection) in the output projection and the target embedding table."""
-    task, model, crit = build("lstm", "--soft-beam-size", "2", "--soft-beam-alpha", "1.5",
+    soft selection) in the output projection and the target embedding table.  One case checks the full
+    Jacobian; the others a random projection of it (fast_mode), which a wrong gradient fails too."""
+    # sharpened weights: a fresh model's loss is nearly flat, and the paths through earlier soft choices
+    # (soft embeddings, mixed states) would then sit below gradcheck's tolerance
+    task, model, crit = build("lstm", "--soft-beam-size", "2", "--soft-beam-alpha", "0.5",
                               "--soft-beam-objective", objective, "--soft-beam-normalization", normalization,
-                              "--soft-beam-extra-steps", "1", "--decoder-attention", "0",
-                              sharp=False)  # fmt: skip
+                              "--soft-beam-extra-steps", "1", "--decoder-attention", "0", *GRADCHECK_DIMS,
+                              num_symbols=3)  # fmt: skip
     model.double()  # without attention: fairseq's LSTM attention softmax runs in float32
-    sample = tiny.translation_batch(task, PAIRS[:2])
+    sample = tiny.translation_batch(task, GRADCHECK_PAIRS)
     projection, embedding = model.decoder.fc_out, model.decoder.embed_tokens
+    assert projection.weight.shape == embedding.weight.shape == (7, 4)
     w0 = projection.weight.detach().clone().requires_grad_()
     e0 = embedding.weight.detach().clone().requires_grad_()
     del projection.weight, embedding.weight  # plain tensors in their place, so that gradcheck can vary them
@@ -292,8 +309,8 @@ def test_gradcheck_float64_through_the_whole_relaxed_beam(objective, normalizati
         projection.weight, embedding.weight = w, e
         return crit(model, sample)[0]
 
-    assert float(loss_of(w0, e0)) > 0
-    assert torch.autograd.gradcheck(loss_of, (w0, e0), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert float(loss_of(w0, e0).detach()) > 0
+    assert torch.autograd.gradcheck(loss_of, (w0, e0), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=fast)
 
 
 def test_later_losses_send_gradient_to_earlier_choices_through_the_soft_backpointers():
@@ -357,6 +374,12 @@ def test_cost_weights_parsing_and_errors():
 
 @pytest.mark.parametrize("flags,words", [
     (["--soft-beam-size", "0"], "--soft-beam-size"),
+    # 6 symbols and EOS and unknown: 8 first tokens (not padding, not BOS)
+    (["--soft-beam-size", "9"], "--soft-beam-size 9 exceeds the 8 tokens of the target dictionary"),
+    (["--left-pad-target"], "right-padded targets .*: drop --left-pad-target"),
+    (["--soft-beam-alpha", "4", "--soft-beam-alpha-schedule", "exponential", "--soft-beam-alpha-growth", "2",
+      "--soft-beam-alpha-period-updates", "10", "--soft-beam-alpha-max", "3"],
+     "--soft-beam-alpha-max 3.0 is below the starting --soft-beam-alpha 4.0"),
     (["--soft-beam-alpha-growth", "2"], "--soft-beam-alpha-growth"),
     (["--soft-beam-alpha-schedule", "exponential"], "--soft-beam-alpha-growth"),
     (["--soft-beam-length", "gold", "--soft-beam-extra-steps", "3"], "--soft-beam-extra-steps"),
@@ -368,13 +391,59 @@ def test_impossible_flags_are_refused_naming_the_flag(flags, words):
         build("transformer", *flags)
 
 
-@pytest.mark.parametrize("arch,words", [("fconv", "fconv"), ("transformer_lm", "encoder-decoder")])
-def test_models_it_cannot_drive_are_refused(arch, words):
+@pytest.mark.parametrize("arch,words", [
+    ("fconv", "fconv"), ("transformer_lm", "encoder-decoder"), ("cmlm_transformer", "non-autoregressive"),
+])  # fmt: skip
+def test_models_it_cannot_drive_are_refused_naming_the_criterion_once(arch, words):
     torch.manual_seed(0)
     task, model, crit = tiny.build(arch, ["--criterion", "soft_beam_loss"])
     sample = tiny.lm_batch(task, [[4, 5, 6]]) if arch.endswith("_lm") else tiny.translation_batch(task, PAIRS[:1])
-    with pytest.raises(UnsupportedModelError, match=words):
+    with pytest.raises(UnsupportedModelError, match=words) as error:
         crit(model, sample)
+    message = str(error.value)
+    assert message.count("--criterion soft_beam_loss") == 1 and "--criterion --criterion" not in message, message
+
+
+def test_left_padded_targets_are_refused_at_the_first_batch():
+    """A task that left-pads its targets without the flag: the gold would be read from its padding."""
+    task, model, crit = build("transformer")
+    sample = tiny.translation_batch(task, PAIRS)
+    sample["target"] = utils.convert_padding_direction(sample["target"], 1, right_to_left=True)
+    assert bool(sample["target"][:, 0].eq(1).any())
+    with pytest.raises(ValueError, match="--left-pad-target"):
+        crit(model, sample)
+
+
+def test_the_largest_beam_the_vocabulary_allows_runs_and_one_more_is_refused_for_decoding_too():
+    task, model, crit = build("transformer", "--soft-beam-size", "8")  # 8 = the tokens a hypothesis can start with
+    loss, _, _ = crit(model, tiny.translation_batch(task, PAIRS), reduce=False)
+    assert torch.isfinite(loss).all()
+    SoftBeamGenerator([model], task.target_dictionary, beam_size=8, alpha=1.0)
+    with pytest.raises(ValueError, match="--beam 9 with --soft-beam-decoding exceeds the 8 tokens"):
+        SoftBeamGenerator([model], task.target_dictionary, beam_size=9, alpha=1.0)
+
+
+def test_tagging_beam_larger_than_the_label_set_is_refused_before_training():
+    labels = len(synthetic_tagging.NER_TAGS)  # the tiny tagging dictionary holds exactly these labels
+    with pytest.raises(ValueError, match=f"--soft-beam-size {labels + 1} exceeds the {labels} labels"):
+        synthetic_tagging.build_tagger(criterion=("--criterion", "soft_beam_loss", "--soft-beam-size", str(labels + 1)))
+
+
+@pytest.mark.parametrize("objective", ["direct", "hinge"])
+def test_loss_and_gradient_stay_finite_after_ten_million_updates_of_uncapped_annealing(objective):
+    """An exponential alpha without --soft-beam-alpha-max: alpha would pass float32's range (3.4e38) after
+    128 doublings; the schedule holds it at the ceiling, where the float32 loss and gradients stay finite."""
+    task, model, crit = build("transformer", "--soft-beam-objective", objective,
+                              "--soft-beam-alpha-schedule", "exponential", "--soft-beam-alpha-growth", "2",
+                              "--soft-beam-alpha-period-updates", "1")  # fmt: skip
+    crit.set_num_updates(10**7)
+    assert crit.current_alpha() == ALPHA_CEILING
+    model.train()
+    loss, _, log = crit(model, tiny.translation_batch(task, PAIRS))
+    loss.backward()
+    assert torch.isfinite(loss) and log["sb_alpha_sum"] == ALPHA_CEILING
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
 def test_alpha_schedule_follows_the_update_count():

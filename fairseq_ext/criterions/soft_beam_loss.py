@@ -38,8 +38,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
+from fairseq_ext.generators.soft_beam_generator import first_step_choices
 from fairseq_ext.generators.tagging_generator import label_mask
-from fairseq_ext.modules.schedules import ALPHA_SCHEDULE_CHOICES, AlphaSchedule, check_alpha_arguments
+from fairseq_ext.modules.schedules import ALPHA_CEILING, ALPHA_SCHEDULE_CHOICES, AlphaSchedule, check_alpha_arguments
 from fairseq_ext.modules.soft_beam_search import (
     SoftBeamSearch,
     gold_padded_with_eos,
@@ -52,6 +53,10 @@ OBJECTIVE_CHOICES = ChoiceEnum(["direct", "hinge"])
 NORMALIZATION_CHOICES = ChoiceEnum(["local", "global"])
 LENGTH_CHOICES = ChoiceEnum(["auto", "gold", "free"])
 DEFAULT_EXTRA_STEPS = 5
+LEFT_PAD_TARGET_MESSAGE = (
+    "--criterion soft_beam_loss reads the gold target step by step from its first column and pads it with EOS on "
+    "the right, so it needs right-padded targets (fairseq's default): drop --left-pad-target"
+)
 
 
 @dataclass
@@ -63,14 +68,16 @@ class SoftBeamLossConfig(FairseqDataclass):
         default=1.0,
         metadata={
             "help": "peakedness alpha of the continuous top-k-argmax and of the final soft selection (its initial "
-            "value with --soft-beam-alpha-schedule exponential); large alpha approaches hard beam search"
+            f"value with --soft-beam-alpha-schedule exponential); large alpha approaches hard beam search. "
+            f"Values above {ALPHA_CEILING:g} act as {ALPHA_CEILING:g}, where the relaxation is already hard in float32"
         },
     )
     soft_beam_alpha_schedule: ALPHA_SCHEDULE_CHOICES = field(
         default="fixed",
         metadata={
             "help": "fixed (the thesis's 'alpha = 1.0' rows) or exponential: alpha * G ** (u / N), capped by "
-            "--soft-beam-alpha-max (the 'annealed alpha' rows: from smooth to peaked across epochs)"
+            f"--soft-beam-alpha-max and always by {ALPHA_CEILING:g} (the 'annealed alpha' rows: from smooth to "
+            "peaked across epochs)"
         },
     )
     soft_beam_alpha_growth: Optional[float] = field(
@@ -80,7 +87,12 @@ class SoftBeamLossConfig(FairseqDataclass):
         default=None, metadata={"help": "updates N per factor G of exponential annealing (an epoch's worth: the thesis)"}
     )
     soft_beam_alpha_max: Optional[float] = field(
-        default=None, metadata={"help": "cap on the annealed alpha (default: none)"}
+        default=None,
+        metadata={
+            "help": f"cap on the annealed alpha, >= --soft-beam-alpha (default: {ALPHA_CEILING:g}, where the "
+            "relaxation is already hard in float32; a larger cap acts as it: beyond it alpha times a squared score "
+            "gap would overflow float32 and the loss turn NaN)"
+        },
     )
     soft_beam_objective: OBJECTIVE_CHOICES = field(
         default="direct",
@@ -150,6 +162,8 @@ class SoftBeamLossCriterion(FairseqCriterion):
         super().__init__(task)
         if cfg.soft_beam_size < 1:
             raise ValueError(f"--soft-beam-size must be >= 1, got {cfg.soft_beam_size}")
+        if getattr(getattr(task, "cfg", None), "left_pad_target", False):
+            raise ValueError(LEFT_PAD_TARGET_MESSAGE)
         if cfg.soft_beam_extra_steps is not None and cfg.soft_beam_extra_steps < 0:
             raise ValueError(f"--soft-beam-extra-steps must be >= 0, got {cfg.soft_beam_extra_steps}")
         check_alpha_arguments(
@@ -162,6 +176,7 @@ class SoftBeamLossCriterion(FairseqCriterion):
             growth=cfg.soft_beam_alpha_growth,
             period_updates=cfg.soft_beam_alpha_period_updates,
             alpha_max=cfg.soft_beam_alpha_max,
+            flag_prefix="--soft-beam-alpha",
         )
         from fairseq_ext.tasks.tagging import TaggingTask  # the task imports the generators, not criterions
 
@@ -179,6 +194,14 @@ class SoftBeamLossCriterion(FairseqCriterion):
             self.extra_steps = DEFAULT_EXTRA_STEPS if cfg.soft_beam_extra_steps is None else cfg.soft_beam_extra_steps
         dictionary = task.target_dictionary
         self.allowed = label_mask(dictionary) if tagging else None
+        limit = first_step_choices(dictionary, self.allowed)
+        if cfg.soft_beam_size > limit:
+            # the first step expands one element: each beam element needs its own first token
+            raise ValueError(
+                f"--soft-beam-size {cfg.soft_beam_size} exceeds the {limit} "
+                f"{'labels' if tagging else 'tokens of the target dictionary'} a hypothesis can start with: "
+                f"use --soft-beam-size {limit} or less"
+            )
         self.cost_weights = parse_cost_weights(cfg.soft_beam_cost_weights, dictionary)
         self.beam_size = cfg.soft_beam_size
         self.objective = str(cfg.soft_beam_objective)
@@ -199,7 +222,7 @@ class SoftBeamLossCriterion(FairseqCriterion):
         if self._search is None or self._search.driver.model is not model:
             self._search = SoftBeamSearch(
                 model, self.task.target_dictionary, self.beam_size, self.normalization, self.allowed,
-                name="--criterion soft_beam_loss",
+                name="soft_beam_loss",
             )  # raises for a model it cannot drive
         return self._search
 
@@ -213,6 +236,8 @@ class SoftBeamLossCriterion(FairseqCriterion):
         """
         search = self.search(model)
         target = sample["target"]  # B x T, EOS-terminated, right-padded
+        if bool(target[:, 0].eq(self.padding_idx).any()):  # a right-padded row starts with a token, at least EOS
+            raise ValueError(LEFT_PAD_TARGET_MESSAGE)
         lengths = target.ne(self.padding_idx).sum(-1)  # B, the EOS included
         horizons = lengths + self.extra_steps
         gold = gold_padded_with_eos(target, self.padding_idx, self.eos, int(horizons.max()))  # B x H

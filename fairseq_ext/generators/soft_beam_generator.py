@@ -1,4 +1,4 @@
-"""Soft beam search decoding (Goyal's thesis, ../shared/papers/003_*, section 4.3.4).
+"""Soft beam search decoding (Goyal, Continuous relaxation of beam search, thesis chapter 4, section 4.3.4).
 
 Decoding "closely follows Algorithm 3": the continuous relaxation of beam search
 (:class:`fairseq_ext.modules.soft_beam_search.SoftBeamSearch`) runs with k = ``--beam`` elements, its
@@ -59,6 +59,18 @@ def translation_horizons(src_tokens: Tensor, pad: int, max_len_a: float, max_len
 def tagging_horizons(src_tokens: Tensor, pad: int, eos: int) -> Tensor:
     """B decoding steps per sentence for tagging: one label per source word, then EOS."""
     return source_word_counts(src_tokens, pad, eos) + 1
+
+
+def first_step_choices(tgt_dict: Dictionary, allowed: Optional[Tensor]) -> int:
+    """How many distinct first tokens a hypothesis can take: the largest usable beam size.
+
+    Tagging (``allowed`` = the labels): the labels, EOS being banned before the last step.  Otherwise the
+    whole dictionary but padding and BOS (EOS and unknown included)."""
+    if allowed is not None:
+        allowed = allowed.clone()
+        allowed[tgt_dict.eos()] = False
+        return int(allowed.sum())
+    return len(tgt_dict) - len({tgt_dict.pad(), tgt_dict.bos()})
 
 
 def hypotheses_of_sentence(result: SoftBeamResult, b: int, pad: int, eos: int, normalize_scores: bool = True,
@@ -138,9 +150,16 @@ class SoftBeamGenerator(nn.Module):
             allowed = label_mask(tgt_dict)
             if not allowed.any():
                 raise ValueError("the target dictionary holds no labels, only special symbols")
+        limit = first_step_choices(tgt_dict, allowed)
+        if beam_size > limit:
+            raise ValueError(
+                f"--beam {beam_size} with --soft-beam-decoding exceeds the {limit} "
+                f"{'labels' if fixed_length else 'tokens'} a hypothesis can start with: use --beam {limit} or less"
+            )
         self.search = SoftBeamSearch(
-            self.model, tgt_dict, beam_size, normalization=normalization, allowed=allowed, name="soft beam decoding"
-        )
+            self.model, tgt_dict, beam_size, normalization=normalization, allowed=allowed,
+            name="soft beam decoding", label="--soft-beam-decoding",
+        )  # fmt: skip
 
     @classmethod
     def from_args(cls, models, tgt_dict: Dictionary, cfg, args, fixed_length: bool) -> "SoftBeamGenerator":

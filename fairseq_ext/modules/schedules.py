@@ -140,16 +140,31 @@ def check_schedule_arguments(name, max_prob, warmup_updates, ramp_updates, inver
 # -- the temperature alpha of the relaxations (differentiable scheduled sampling, soft beam search) --
 ALPHA_SCHEDULE_CHOICES = ChoiceEnum(["fixed", "exponential"])
 
+# The largest alpha any schedule returns.  At alpha = 1e20 the relaxations are already hard in float32: the
+# soft argmax softmax(alpha s) gives weight exp(-1e20 gap) and the top-k relaxation softmax(-alpha (s - m)^2)
+# weight exp(-1e20 gap^2), both below float32's smallest positive number (~1.4e-45 = exp(-103)) for any gap
+# above 1e-9, finer than float32 resolves scores of magnitude 0.01 or more.  It is also small enough that
+# alpha times any score gap or squared gap the relaxations meet (below 1e18: banned tokens score -1e9) and
+# alpha times a gradient stay inside float32's range (3.4e38), so values and gradients stay finite.  An
+# exponential schedule without a cap would otherwise pass float32's range after enough updates and the loss
+# would turn NaN.
+ALPHA_CEILING = 1e20
+
 
 @dataclass(frozen=True)
 class AlphaSchedule:
-    """The peakedness ``alpha(update)`` of a relaxed argmax (Goyal et al. 2017, section 5: "varying
-    alpha exponentially (annealing) with the epochs").
+    """The peakedness ``alpha(update)`` of a relaxed argmax (Goyal, Dyer and Berg-Kirkpatrick, Differentiable
+    Scheduled Sampling for Credit Assignment, section 5: "varying alpha exponentially (annealing) with the
+    epochs"; Goyal's thesis, section 4.3.3: soft beam search anneals alpha across epochs too).
 
     ``fixed``: alpha(u) = alpha.  ``exponential``: alpha(u) = min(alpha_max, alpha * growth ** (s / period))
     with ``s = max(0, u - start_updates)`` counted from the end of the teacher-forced warm-up, where the
     mixing (and thus the relaxation) starts.  The paper grows alpha once per epoch; here the period
     is a number of updates (an epoch's worth reproduces the paper), and the curve is continuous.
+    Every value is also capped at ``ALPHA_CEILING`` (1e20), where the relaxations are already hard in
+    float32, so that alpha stays finite in the dtype of the scores however long training runs.
+
+    ``flag_prefix`` names the options in error messages (``--dss-alpha``, ``--soft-beam-alpha``).
     """
 
     name: str
@@ -158,17 +173,21 @@ class AlphaSchedule:
     period_updates: Optional[int] = None
     alpha_max: Optional[float] = None
     start_updates: int = 0
+    flag_prefix: str = "--dss-alpha"
 
     def __post_init__(self):
-        check_alpha_arguments(self.name, self.alpha, self.growth, self.period_updates, self.alpha_max)
+        check_alpha_arguments(
+            self.name, self.alpha, self.growth, self.period_updates, self.alpha_max, flag_prefix=self.flag_prefix
+        )
 
     def __call__(self, num_updates: int) -> float:
         if self.name == "fixed":
-            return self.alpha
+            return min(self.alpha, ALPHA_CEILING)
         steps = max(0, num_updates - self.start_updates) / self.period_updates
         log_alpha = math.log(self.alpha) + steps * math.log(self.growth)
-        alpha = math.exp(min(log_alpha, 700.0))  # 700: exp would overflow a double past ~709.8
-        return alpha if self.alpha_max is None else min(alpha, self.alpha_max)
+        cap = ALPHA_CEILING if self.alpha_max is None else min(self.alpha_max, ALPHA_CEILING)
+        # compared in log space: exp(log_alpha) overflows a double after enough updates
+        return cap if log_alpha >= math.log(cap) else math.exp(log_alpha)
 
 
 def check_alpha_arguments(name, alpha, growth, period_updates, alpha_max, flag_prefix="--dss-alpha"):
@@ -188,9 +207,18 @@ def check_alpha_arguments(name, alpha, growth, period_updates, alpha_max, flag_p
         raise ValueError(
             f"{p}-schedule exponential multiplies alpha by {p}-growth G every {p}-period-updates N updates: set both"
         )
-    if not growth > 0.0:
-        raise ValueError(f"{p}-growth must be > 0 (> 1 sharpens the relaxation over training), got {growth}")
+    if not growth > 0.0 or math.isinf(growth):
+        raise ValueError(
+            f"{p}-growth must be a finite number > 0 (> 1 sharpens the relaxation over training), got {growth}"
+        )
     if period_updates < 1:
         raise ValueError(f"{p}-period-updates must be >= 1, got {period_updates}")
-    if alpha_max is not None and not alpha_max > 0.0:
-        raise ValueError(f"{p}-max must be > 0, got {alpha_max}")
+    if alpha_max is not None:
+        if not alpha_max > 0.0:
+            raise ValueError(f"{p}-max must be > 0, got {alpha_max}")
+        if alpha_max < alpha:
+            # min(alpha_max, ...) would hold alpha at the cap from the first update: no annealing at all
+            raise ValueError(
+                f"{p}-max {alpha_max} is below the starting {p} {alpha}: alpha would stay at {alpha_max} from "
+                f"the first update; raise {p}-max to at least {p}, or lower {p}"
+            )

@@ -1,5 +1,6 @@
-"""The continuous relaxation of beam search (Goyal's thesis, chapter 4, Algorithm 3) over a fairseq
-encoder-decoder model, for training (the soft beam search loss) and decoding (section 4.3.4).
+"""The continuous relaxation of beam search (Goyal, Continuous relaxation of beam search, thesis chapter 4,
+Algorithm 3) over a fairseq encoder-decoder model, for training (the soft beam search loss) and decoding
+(section 4.3.4).
 
 Beam search (Algorithm 1) keeps k beam elements.  At step t each element i proposes successor
 scores ``s~_t[i, w] = s_{t,i} + f(h_{t,i}, w)``; the k best (element, word) pairs are kept, the
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from fairseq_ext.modules.decoder_driver import DecoderDriver, UnsupportedModelError
 from fairseq_ext.modules.embedding_inputs import decode_from_embeddings, soft_embeddings
-from fairseq_ext.modules.soft_top_k import continuous_top_k_argmax, soft_backpointers_and_words
+from fairseq_ext.modules.soft_top_k import continuous_top_k_argmax, soft_backpointers_and_words, usable_alpha
 
 # Far below any reachable score, yet finite: its squared distance to a real score (~1e18) is finite
 # in float32 and its softmax weight underflows to exactly 0.
@@ -149,8 +150,11 @@ def soft_beam_step(
 
 
 def soft_select(final_scores: Tensor, values: Tensor, alpha: float) -> Tensor:
-    """peaked-softmax_alpha(s_T) . values: B x k, B x k -> B (line 19; the hinge's s_max with values = s_T)."""
-    return (torch.softmax(alpha * (final_scores - final_scores.max(-1, keepdim=True).values.detach()), -1) * values).sum(-1)
+    """peaked-softmax_alpha(s_T) . values: B x k, B x k -> B (line 19; the hinge's s_max with values = s_T).
+
+    The maximum is subtracted first and alpha capped (``usable_alpha``), so that no alpha overflows."""
+    shifted = final_scores - final_scores.max(-1, keepdim=True).values.detach()  # B x k, <= 0
+    return (torch.softmax(usable_alpha(alpha) * shifted, -1) * values).sum(-1)
 
 
 def hamming_step_costs(gold_at_step: Tensor, label_weights: Tensor) -> Tensor:
@@ -192,36 +196,40 @@ class SoftBeamSearch:
             normalised models); ``global``: the decoder's raw scores (section 5.2).
         allowed: V bool of the tokens a hypothesis may contain (default: all but padding and BOS);
             EOS is always allowed.
-        name: what to call the method in error messages (``--criterion soft_beam_loss``).
+        name: the bare registered name of the criterion (``soft_beam_loss``); the model checks shared
+            with the other criterions write it as ``--criterion NAME``.
+        label: what to call the method in this class's own error messages (default ``--criterion NAME``).
     """
 
     def __init__(self, model, tgt_dict, beam_size: int, normalization: str = LOCAL,
-                 allowed: Optional[Tensor] = None, name: str = "soft beam search"):  # fmt: skip
+                 allowed: Optional[Tensor] = None, name: str = "soft_beam_loss",
+                 label: Optional[str] = None):  # fmt: skip
+        label = label or f"--criterion {name}"
         if beam_size < 1:
-            raise ValueError(f"{name}: the beam size must be >= 1, got {beam_size}")
+            raise ValueError(f"{label}: the beam size must be >= 1, got {beam_size}")
         if normalization not in (LOCAL, GLOBAL):
-            raise ValueError(f"{name}: normalization must be '{LOCAL}' or '{GLOBAL}', got {normalization!r}")
+            raise ValueError(f"{label}: normalization must be '{LOCAL}' or '{GLOBAL}', got {normalization!r}")
         self.driver = DecoderDriver(model, name)
-        self.name = name
+        self.name = label
         if self.driver.kind != "encoder_decoder":
             raise UnsupportedModelError(
-                f"{name} decodes a target from a source: it needs an encoder-decoder model "
+                f"{label} decodes a target from a source: it needs an encoder-decoder model "
                 f"(--arch transformer, lstm, seq2seq_tagger_*), not {type(self.driver.inner).__name__}"
             )
         if not self.driver.incremental_has_gradient:
             raise UnsupportedModelError(
-                f"{name} mixes the beam elements' incremental decoder states, which "
+                f"{label} mixes the beam elements' incremental decoder states, which "
                 f"{type(self.driver.decoder).__name__} (fconv's linearized convolutions) does not keep with "
                 "gradients: choose --arch transformer, lstm or seq2seq_tagger_*"
             )
         if not self.driver.direct:
             raise UnsupportedModelError(
-                f"{name} steps the decoder directly, which torch DDP/FSDP wrappers do not synchronise: "
+                f"{label} steps the decoder directly, which torch DDP/FSDP wrappers do not synchronise: "
                 "use --ddp-backend legacy_ddp"
             )
         if normalization == GLOBAL and getattr(self.driver.decoder, "adaptive_softmax", None) is not None:
             raise UnsupportedModelError(
-                f"{name} with global normalization scores with the decoder's raw output scores, which an "
+                f"{label} with global normalization scores with the decoder's raw output scores, which an "
                 "adaptive softmax does not produce: drop --adaptive-softmax-cutoff or use local normalization"
             )
         self.beam_size = beam_size
@@ -234,6 +242,13 @@ class SoftBeamSearch:
         allowed = allowed.clone()
         allowed[self.eos] = True
         self.allowed = allowed
+        if beam_size > int(allowed.sum()):
+            # the first step expands one element: extra elements could only start with banned tokens, and past
+            # the vocabulary size top-k has no entry left to pick
+            raise ValueError(
+                f"{label}: the beam size {beam_size} exceeds the {int(allowed.sum())} tokens a hypothesis may "
+                f"start with (EOS included); use a beam size of at most {int(allowed.sum())}"
+            )
 
     def local_scores(self, decoder_out) -> Tensor:
         """N x V successor scores f(h, w) from the decoder's N x 1 x V output."""
