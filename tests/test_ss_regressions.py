@@ -282,6 +282,12 @@ def test_error_messages_name_the_criterion_flag_once(given):
     assert str(refused.value).count("--criterion") == 1
 
 
+def test_a_decoding_flag_is_named_as_itself():
+    with pytest.raises(UnsupportedModelError) as refused:
+        DecoderDriver(torch.nn.Linear(2, 2), "--soft-beam-decoding")
+    assert str(refused.value).startswith("--soft-beam-decoding needs") and "--criterion" not in str(refused.value)
+
+
 # -- label smoothing range, refused when the criterion is built ------------------------------------------
 def build_criterion_only(criterion_flags):
     """fairseq's criterion builder on a parsed fairseq-train command line (no model is needed)."""

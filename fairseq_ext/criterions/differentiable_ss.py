@@ -113,7 +113,8 @@ class DifferentiableScheduledSamplingConfig(MixingScheduleConfig):
     )
     dss_alpha_max: Optional[float] = field(
         default=None,
-        metadata={"help": "cap on the annealed alpha (default: none)"},
+        metadata={"help": "cap on the annealed alpha, at least --dss-alpha (default: none beyond the 1e20 "
+                  "ceiling every alpha schedule stops at, where the relaxations are already hard in float32)"},
     )
     dss_top_k: Optional[int] = field(
         default=None,

@@ -77,6 +77,15 @@ def bare_criterion_name(name: str) -> str:
     return name
 
 
+def method_label(name: str) -> str:
+    """How error messages name the method: ``--criterion NAME`` for a criterion (given as ``NAME`` or
+    ``--criterion NAME``), or a decoding flag such as ``--soft-beam-decoding`` as it is."""
+    name = str(name).strip()
+    if name.startswith("--") and bare_criterion_name(name) == name:
+        return name
+    return f"--criterion {bare_criterion_name(name)}"
+
+
 def _overrides(obj, name: str, base) -> bool:
     return getattr(type(obj), name, None) is not getattr(base, name)
 
@@ -145,7 +154,7 @@ class DecoderDriver:
         self.differentiable_adaptive_softmax = self.adaptive_softmax is not None and stock_normalization
         if not self.direct:
             logger.warning(
-                f"--criterion {criterion_name}: the model is wrapped by {type(model.module if isinstance(model, ModuleProxyWrapper) else model).__name__}, "
+                f"{method_label(criterion_name)}: the model is wrapped by {type(model.module if isinstance(model, ModuleProxyWrapper) else model).__name__}, "
                 "whose gradient hooks run only through forward(); every pass goes through model(...) and the "
                 "encoder is recomputed per pass. --ddp-backend legacy_ddp avoids that cost."
             )
@@ -239,7 +248,7 @@ class DecoderDriver:
         weight = getattr(embed, "weight", None)
         if not isinstance(embed, torch.nn.Embedding) or weight is None or weight.dim() != 2:
             raise UnsupportedModelError(
-                f"--criterion {self.criterion_name} feeds the decoder mixtures of its token embeddings, so the "
+                f"{method_label(self.criterion_name)} feeds the decoder mixtures of its token embeddings, so the "
                 f"decoder needs a plain embedding table (torch.nn.Embedding as decoder.embed_tokens); "
                 f"{type(self.decoder).__name__} has {type(embed).__name__}. Drop --adaptive-input / character "
                 "embeddings or choose another --arch."
@@ -325,7 +334,7 @@ def model_kind(model, criterion_name: str) -> str:
         FairseqNATModel = ()
     if isinstance(model, FairseqNATModel):
         raise UnsupportedModelError(
-            f"--criterion {criterion_name} feeds an autoregressive decoder its own predictions, but "
+            f"{method_label(criterion_name)} feeds an autoregressive decoder its own predictions, but "
             f"{name} is non-autoregressive (it predicts all target tokens at once). Use an autoregressive "
             "--arch (transformer, lstm, fconv, or transformer_lm on --task language_modeling)."
         )
@@ -335,13 +344,13 @@ def model_kind(model, criterion_name: str) -> str:
         kind = LANGUAGE_MODEL
     else:
         raise UnsupportedModelError(
-            f"--criterion {criterion_name} needs an encoder-decoder model whose decoder takes "
+            f"{method_label(criterion_name)} needs an encoder-decoder model whose decoder takes "
             f"prev_output_tokens (FairseqEncoderDecoderModel) or a decoder-only language model "
             f"(FairseqLanguageModel); got {name}. Choose an --arch such as transformer, lstm, fconv or transformer_lm."
         )
     if not isinstance(model.decoder, FairseqIncrementalDecoder):
         raise UnsupportedModelError(
-            f"--criterion {criterion_name} needs a causal, step-by-step decoder (FairseqIncrementalDecoder); "
+            f"{method_label(criterion_name)} needs a causal, step-by-step decoder (FairseqIncrementalDecoder); "
             f"{name}'s decoder is {type(model.decoder).__name__}. Choose an autoregressive --arch "
             "(transformer, lstm, fconv, transformer_lm)."
         )
@@ -360,7 +369,7 @@ def check_teacher_forcing_shift(inputs, target, pad: int, criterion_name: str):
     both = nxt.ne(pad) & tgt.ne(pad)
     if not torch.equal(nxt[both], tgt[both]):
         raise TargetsNotShiftedError(
-            f"--criterion {criterion_name}: the targets are not the decoder inputs shifted by one position, "
+            f"{method_label(criterion_name)}: the targets are not the decoder inputs shifted by one position, "
             "so a prediction cannot be fed back as the next input. Use a task whose targets follow the inputs "
             "(translation; language_modeling with its default future targets, not --self-target or --past-target)."
         )

@@ -18,6 +18,7 @@ from torch import Tensor
 from fairseq.dataclass import ChoiceEnum
 
 from fairseq_ext.modules.embedding_inputs import soft_embeddings
+from fairseq_ext.modules.schedules import ALPHA_CEILING
 
 RELAXATION_CHOICES = ChoiceEnum(["greedy", "sample"])
 
@@ -30,7 +31,7 @@ _UNIFORM_EDGE = 1e-10
 # magnitude >= 1e-10 do).  Only (near-)ties are affected, and there the cap is what keeps the
 # gradient finite: d softmax(alpha z) / dz = alpha (diag(w) - w w^T) is of order alpha at a tie, which
 # at alpha ~ 1e37 overflows float32 (and an infinite alpha would give inf * 0 = NaN at the maximum).
-MAX_EFFECTIVE_ALPHA = 1e20
+MAX_EFFECTIVE_ALPHA = ALPHA_CEILING
 
 
 def gumbel_noise(shape, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -209,7 +209,7 @@ class SoftBeamSearch:
             raise ValueError(f"{label}: the beam size must be >= 1, got {beam_size}")
         if normalization not in (LOCAL, GLOBAL):
             raise ValueError(f"{label}: normalization must be '{LOCAL}' or '{GLOBAL}', got {normalization!r}")
-        self.driver = DecoderDriver(model, name)
+        self.driver = DecoderDriver(model, label)
         self.name = label
         if self.driver.kind != "encoder_decoder":
             raise UnsupportedModelError(
