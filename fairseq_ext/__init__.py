@@ -2,13 +2,18 @@
 
 Load it with ``--user-dir /path/to/fairseq_ext`` or, once installed, ``--user-dir fairseq_ext``
 resolved to the package directory (see README).  Importing it registers every component below
-and installs the checkpoint allowlist that torch >= 2.6 needs to load fairseq checkpoints safely.
+and installs the checkpoint allowlist that torch >= 2.6 needs to load fairseq checkpoints safely, the
+checkpoint guards (atomic copies, damaged-checkpoint and missing --restore-file errors) and a clean
+exit on errors (fairseq_ext/modules/clean_exit.py).
 """
 __version__ = "0.1.0"
 
-from fairseq_ext.checkpoint_safety import install_checkpoint_allowlist
+from fairseq_ext.checkpoint_safety import install_checkpoint_allowlist, install_checkpoint_guards
+from fairseq_ext.modules.clean_exit import install_clean_exit
 
 install_checkpoint_allowlist()
+install_checkpoint_guards()
+install_clean_exit()
 
 # Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
 from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401

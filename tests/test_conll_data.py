@@ -16,7 +16,7 @@ from fairseq_ext.data.conll import (
     to_iob1,
 )
 from fairseq_ext.scoring.span_f1 import evaluate
-from fairseq_ext.testing import synthetic_tagging
+from fairseq_ext.testing import cli, synthetic_tagging
 
 CONLL = """-DOCSTART- -X- -X- O
 
@@ -33,7 +33,9 @@ Blackburn NNP I-NP I-PER
 
 BRUSSELS NNP B-NP B-LOC
 1996-08-22 CD I-NP O"""  # two blank lines in a row, no final newline
-CONLL2003 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "conll2003")
+# A copy of the original English CoNLL-2003 files (train.txt, valid.txt, test.txt), if the user has one:
+# the data is licensed, so the test below runs only when CONLL2003_DIR points at it.
+CONLL2003 = os.environ.get("CONLL2003_DIR", "")
 
 
 def write(tmp_path, text, name="in.txt"):
@@ -105,7 +107,8 @@ def test_check_aligned(tmp_path):
 def test_command_line(tmp_path):
     src = write(tmp_path, CONLL)
     done = subprocess.run([sys.executable, "-m", "fairseq_ext.data.conll", src, str(tmp_path / "cli" / "test"),
-                           "--tag-column", "3", "--to-scheme", "iob1"], capture_output=True, text=True)  # fmt: skip
+                           "--tag-column", "3", "--to-scheme", "iob1"],
+                          capture_output=True, text=True, timeout=cli.HANG_TIMEOUT)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "3 sentences, 8 tokens" in done.stderr
     assert lines(tmp_path / "cli" / "test.tags") == ["I-ORG O I-MISC O", "I-PER I-PER", "I-LOC O"]
@@ -113,9 +116,11 @@ def test_command_line(tmp_path):
     assert not (tmp_path / "never.words").exists()
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(CONLL2003, "valid.txt")), reason="CoNLL-2003 not present")
+@pytest.mark.skipif(not CONLL2003 or not os.path.exists(os.path.join(CONLL2003, "valid.txt")),
+                    reason="set CONLL2003_DIR to a copy of the English CoNLL-2003 files")  # fmt: skip
 def test_conll2003_dev_set_statistics(tmp_path):
-    """SOURCE.md: valid.txt has 3250 sentences, 51362 tokens and 5942 entities, in IOB2."""
+    """The English development set has 3250 sentences, 51362 tokens and 5942 entities (Tjong Kim Sang and
+    De Meulder, Introduction to the CoNLL-2003 Shared Task, Tables 1 and 2), here in IOB2 tags."""
     prefix = str(tmp_path / "valid")
     assert convert(os.path.join(CONLL2003, "valid.txt"), prefix, tag_column=3) == (3250, 51362)
     tags = [line.split() for line in lines(prefix + ".tags")]

@@ -13,6 +13,11 @@ writes ``OUTPUT_PREFIX.words`` and ``OUTPUT_PREFIX.tags``.  ``--to-scheme`` rewr
 (NER, chunking) as BIO/IOB2 or IOB1, reading the input with conlleval's rules (so either scheme
 may come in); it refuses tags other than O, B-TYPE and I-TYPE.  Tokens never contain whitespace:
 CoNLL columns are whitespace-separated, so each token stays one fairseq token.
+
+Refused with the file and line named: bytes that are not UTF-8; a carriage return inside a line (Python
+and fairseq-preprocess split lines there, ``wc -l`` does not; a CRLF line end is fine); fairseq's
+reserved words ``<s> <pad> </s> <unk>`` as tokens or tags (fairseq-preprocess maps them to its special
+indices: a ``<pad>`` word would shorten the sentence); an output file that is the input file.
 """
 import argparse
 import os
@@ -24,6 +29,8 @@ from fairseq_ext.scoring.span_f1 import OUTSIDE, split_tag, start_of_chunk
 
 DOCSTART = "-DOCSTART-"
 SCHEMES = ("keep", "bio", "iob1")
+# fairseq.data.Dictionary's special symbols: fairseq-preprocess maps these words to its reserved indices
+RESERVED_WORDS = ("<s>", "<pad>", "</s>", "<unk>")
 
 
 class ConllFormatError(ValueError):
@@ -32,6 +39,35 @@ class ConllFormatError(ValueError):
 
 class AlignmentError(ValueError):
     """Two text files are not aligned token by token; the message names both files and the line."""
+
+
+class OverwriteError(ValueError):
+    """An output path is the input file (or both outputs are one file); nothing has been written."""
+
+
+def read_text_lines(path: str):
+    """Yields (1-based line number, line without its end) of a UTF-8 text file, refusing with a
+    ConllFormatError that names the file and line: bytes that are not UTF-8, and a carriage return
+    inside a line (Python's text files and fairseq-preprocess start a new line there, ``wc -l`` does
+    not, so the tools would disagree on the line count).  ``\\n`` and ``\\r\\n`` end lines."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            try:
+                line = body.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConllFormatError(
+                    f"{path}:{number}: not UTF-8 (byte {body[err.start:err.start + 1]!r} at byte {err.start + 1} of the "
+                    "line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            if "\r" in line:
+                raise ConllFormatError(
+                    f"{path}:{number}: a carriage return (\\r) inside the line at column {line.index(chr(13)) + 1}; "
+                    "Python and fairseq-preprocess would split the line there: remove it (e.g. tr -d '\\r')"
+                )
+            yield number, line
 
 
 @dataclass
@@ -46,25 +82,31 @@ def read_conll(path: str, tag_column: int, token_column: int = 0) -> List[Senten
     needed = max(tag_column, token_column) + 1
     sentences, current = [], Sentence()
     saw_line = False
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            saw_line = True
-            fields = line.split()
-            if not fields:
-                if current.tokens:
-                    sentences.append(current)
-                current = Sentence()
-                continue
-            if fields[0] == DOCSTART:
-                continue
-            if len(fields) < needed:
+    for number, line in read_text_lines(path):
+        saw_line = True
+        fields = line.split()
+        if not fields:
+            if current.tokens:
+                sentences.append(current)
+            current = Sentence()
+            continue
+        if fields[0] == DOCSTART:
+            continue
+        if len(fields) < needed:
+            raise ConllFormatError(
+                f"{path}:{number}: expected at least {needed} whitespace-separated columns (token column "
+                f"{token_column}, tag column {tag_column}, counting from 0), found {len(fields)}: {line.strip()!r}"
+            )
+        for column, what in ((token_column, "token"), (tag_column, "tag")):
+            if fields[column] in RESERVED_WORDS:
                 raise ConllFormatError(
-                    f"{path}:{number}: expected at least {needed} whitespace-separated columns (token column "
-                    f"{token_column}, tag column {tag_column}, counting from 0), found {len(fields)}: {line.strip()!r}"
+                    f"{path}:{number}: the {what} {fields[column]!r} is one of fairseq's reserved symbols "
+                    f"{' '.join(RESERVED_WORDS)}; fairseq-preprocess would turn it into a special index (a "
+                    "<pad> word shortens the sentence, so the tagger emits a label too few): rename it"
                 )
-            current.tokens.append(fields[token_column])
-            current.tags.append(fields[tag_column])
-            current.lines.append(number)
+        current.tokens.append(fields[token_column])
+        current.tags.append(fields[tag_column])
+        current.lines.append(number)
     if current.tokens:
         sentences.append(current)
     if not saw_line:
@@ -158,17 +200,40 @@ def check_aligned(source_path: str, target_path: str) -> int:
     return len(source)
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (symbolic and hard links included); a missing path names none."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_outputs(input_path: str, output_paths: Sequence[str]) -> None:
+    """Raises OverwriteError, before anything is read or written, when an output would replace the input
+    or the outputs are one file."""
+    for out in output_paths:
+        if same_file(out, input_path):
+            raise OverwriteError(
+                f"output {out} is the input file {input_path}; writing it would destroy the input: "
+                "choose another output prefix"
+            )
+    if len(output_paths) == 2 and same_file(*output_paths):
+        raise OverwriteError(
+            f"both outputs are {output_paths[0]}: give --source-suffix and --target-suffix different values"
+        )
+
+
 def convert(input_path: str, output_prefix: str, tag_column: int, token_column: int = 0, to_scheme: str = "keep",
             source_suffix: str = "words", target_suffix: str = "tags") -> Tuple[int, int]:  # fmt: skip
     """Writes ``output_prefix.{source_suffix,target_suffix}``; returns (sentences, tokens)."""
     if to_scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {to_scheme!r}; choose one of {SCHEMES}")
+    source_path, target_path = f"{output_prefix}.{source_suffix}", f"{output_prefix}.{target_suffix}"
+    check_outputs(input_path, (source_path, target_path))
     sentences = read_conll(input_path, tag_column, token_column)
     tag_lines = [convert_scheme(s, to_scheme, input_path) for s in sentences]
     directory = os.path.dirname(output_prefix)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    source_path, target_path = f"{output_prefix}.{source_suffix}", f"{output_prefix}.{target_suffix}"
     with open(source_path, "w", encoding="utf-8") as fs, open(target_path, "w", encoding="utf-8") as ft:
         for sentence, tags in zip(sentences, tag_lines):
             fs.write(" ".join(sentence.tokens) + "\n")
@@ -195,7 +260,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         n_sentences, n_tokens = convert(args.input, args.output_prefix, args.tag_column, args.token_column,
                                         args.to_scheme, args.source_suffix, args.target_suffix)  # fmt: skip
-    except (ConllFormatError, AlignmentError, OSError) as err:
+    except (ConllFormatError, AlignmentError, OverwriteError, OSError) as err:
         print(f"conll: error: {err}", file=sys.stderr)
         return 1
     print(

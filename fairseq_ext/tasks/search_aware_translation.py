@@ -1,5 +1,5 @@
 """Task ``search_aware_translation``: fairseq's translation task with the decoding options of
-search-aware models (Goyal's thesis, ../shared/papers/003_*, section 4.3.4 and section 5.2).
+search-aware models (Goyal's thesis, section 4.3.4 and section 5.2).
 
 Data, training and everything else are ``--task translation``'s; only the generator differs, and
 only when asked (fairseq_ext/generators/search_options.py):
@@ -16,6 +16,8 @@ Without them the generator is exactly ``--task translation``'s.  A model trained
         --beam 5 --soft-beam-decoding --soft-beam-decoding-alpha 10
 
 The options apply to every generator the task builds, ``--eval-bleu``'s validation decoding included.
+Like every task of this package, it decodes every sentence of an evaluated split whatever
+``--required-batch-size-multiple`` says (fairseq_ext/modules/task_guards.py).
 """
 from dataclasses import dataclass
 
@@ -25,15 +27,16 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from fairseq_ext.generators.raw_score_generator import raw_score_models
 from fairseq_ext.generators.search_options import SearchDecodingConfig, check_search_options
 from fairseq_ext.generators.soft_beam_generator import SoftBeamGenerator
+from fairseq_ext.modules.task_guards import CheckpointMetricConfig, TaskGuardsMixin
 
 
 @dataclass
-class SearchAwareTranslationConfig(TranslationConfig, SearchDecodingConfig):
+class SearchAwareTranslationConfig(TranslationConfig, SearchDecodingConfig, CheckpointMetricConfig):
     pass
 
 
 @register_task("search_aware_translation", dataclass=SearchAwareTranslationConfig)
-class SearchAwareTranslationTask(TranslationTask):
+class SearchAwareTranslationTask(TaskGuardsMixin, TranslationTask):
     """TranslationTask whose ``build_generator`` honours ``--search-scores`` and ``--soft-beam-decoding``."""
 
     cfg: SearchAwareTranslationConfig

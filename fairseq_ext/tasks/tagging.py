@@ -1,7 +1,7 @@
 """Task ``tagging``: sequence labelling as aligned translation (one label per source word).
 
-Goyal's thesis (../shared/papers/003_*), sections 4.5 and 5.4: NER and CCG supertagging with a
-seq2seq model (``--arch seq2seq_tagger_ner`` / ``seq2seq_tagger_supertag``).  Data loading is
+Goyal's thesis (Goyal, Carnegie Mellon University), sections 4.5 and 5.4: NER and CCG supertagging
+with a seq2seq model (``--arch seq2seq_tagger_ner`` / ``seq2seq_tagger_supertag``).  Data loading is
 fairseq's translation task on aligned files (``python3 -m fairseq_ext.data.conll`` writes them),
 binarised WITHOUT ``--joined-dictionary`` so that the target dictionary holds labels only:
 
@@ -41,6 +41,7 @@ from fairseq_ext.generators.raw_score_generator import raw_score_models
 from fairseq_ext.generators.search_options import SearchDecodingConfig, check_search_options
 from fairseq_ext.generators.soft_beam_generator import SoftBeamGenerator
 from fairseq_ext.generators.tagging_generator import TaggingSequenceGenerator
+from fairseq_ext.modules.task_guards import CheckpointMetricConfig, TaskGuardsMixin, misplaced_special
 from fairseq_ext.scoring.span_f1 import ConllevalCounter, precision_recall_f1
 from fairseq_ext.scoring.tag_accuracy import accuracy_percent
 
@@ -52,7 +53,7 @@ _COUNT_KEYS = ("correct_chunks", "gold_chunks", "guessed_chunks", "correct_tags"
 
 
 @dataclass
-class TaggingConfig(TranslationConfig, SearchDecodingConfig):
+class TaggingConfig(TranslationConfig, SearchDecodingConfig, CheckpointMetricConfig):
     eval_tagging: bool = field(
         default=False,
         metadata={
@@ -78,11 +79,29 @@ def length_mismatch(src_sizes, tgt_sizes):
     return int(differ[0]) if differ.size else None
 
 
+def check_reserved_words(sentences, dictionary, path: str) -> None:
+    """Refuses a split whose text held fairseq's reserved words ``<s>``, ``<pad>`` or ``</s>`` (naming the
+    file and line): fairseq-preprocess turns them into the reserved indices, and a ``<pad>`` word then
+    shortens the source length, so the tagger would emit one label fewer than there are words."""
+    found = misplaced_special(sentences, (dictionary.bos(), dictionary.pad()), dictionary.eos())
+    if found is None:
+        return
+    sentence, position, symbol = found
+    raise ValueError(
+        f"--task tagging: {path}: line {sentence + 1} of the text file given to fairseq-preprocess, word "
+        f"{position + 1}, is the literal word {dictionary[symbol]!r}, which fairseq reserves (beginning of "
+        "sentence, padding, end of sentence); a tagger would then emit a label too few. Rename such words in "
+        "the text files (python3 -m fairseq_ext.data.conll refuses them) and re-run fairseq-preprocess."
+    )
+
+
 @register_task("tagging", dataclass=TaggingConfig)
-class TaggingTask(TranslationTask):
+class TaggingTask(TaskGuardsMixin, TranslationTask):
     """Translation data loading with aligned lengths, length-constrained generation, and tagging metrics."""
 
     cfg: TaggingConfig
+    # the --eval-tagging metrics: percentages, higher is better
+    MAXIMIZED_METRICS = frozenset({"span_f1", "span_precision", "span_recall", "tag_accuracy"})
 
     @classmethod
     def setup_task(cls, cfg: TaggingConfig, **kwargs):
@@ -98,14 +117,16 @@ class TaggingTask(TranslationTask):
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         dataset = self.datasets[split]
+        paths = utils.split_paths(self.cfg.data)
+        data_path = paths[(epoch - 1) % len(paths)] if split == self.cfg.train_subset else paths[0]
+        src, tgt = self.cfg.source_lang, self.cfg.target_lang
+        prefix = os.path.join(data_path, f"{split}.{src}-{tgt}")
+        check_reserved_words(dataset.src, self.src_dict, f"{prefix}.{src}")
         if dataset.tgt is None:
             return  # source only (e.g. fairseq-interactive): nothing to align
+        check_reserved_words(dataset.tgt, self.tgt_dict, f"{prefix}.{tgt}")
         first = length_mismatch(dataset.src_sizes, dataset.tgt_sizes)
         if first is not None:
-            paths = utils.split_paths(self.cfg.data)
-            data_path = paths[(epoch - 1) % len(paths)] if split == self.cfg.train_subset else paths[0]
-            src, tgt = self.cfg.source_lang, self.cfg.target_lang
-            prefix = os.path.join(data_path, f"{split}.{src}-{tgt}")
             # sizes count the EOS fairseq appends to both sides
             raise ValueError(
                 f"--task tagging: split '{split}' of {prefix}.{{{src},{tgt}}}: sentence pair {first + 1} (line "
@@ -115,6 +136,18 @@ class TaggingTask(TranslationTask):
                 "which checks the alignment) or check your files with fairseq_ext.data.conll.check_aligned, then "
                 "re-run fairseq-preprocess."
             )
+
+    def unlogged_metric_reason(self, metric):
+        if metric not in self.MAXIMIZED_METRICS:
+            return super().unlogged_metric_reason(metric)
+        if not self.cfg.eval_tagging:
+            return f"--task tagging logs {metric} only with --eval-tagging; add it or pick another metric"
+        if metric.startswith("span_") and str(self.cfg.eval_tagging_scheme) != "conlleval":
+            return (
+                f"--eval-tagging-scheme {self.cfg.eval_tagging_scheme} scores atomic labels by tag_accuracy only; "
+                "use --best-checkpoint-metric tag_accuracy, or --eval-tagging-scheme conlleval for chunk tags"
+            )
+        return None
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
         check_search_options(self.cfg, args, len(models), extra_gen_cls_kwargs)

@@ -31,6 +31,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from fairseq_ext.criterions.flowseq_loss import FlowSeqLossCriterion, unwrap_flowseq
 from fairseq_ext.generators.flowseq_generator import FlowSeqGenerationConfig, FlowSeqGenerator
+from fairseq_ext.modules.task_guards import CheckpointMetricConfig, TaskGuardsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _FLOWSEQ_ARCHS = "flowseq, flowseq_base, flowseq_large, flowseq_iwslt_de_en, flo
 
 
 @dataclass
-class TranslationFlowSeqConfig(TranslationConfig, FlowSeqGenerationConfig):
+class TranslationFlowSeqConfig(TranslationConfig, FlowSeqGenerationConfig, CheckpointMetricConfig):
     flowseq_inject_nonfinite: str = field(
         default="",
         metadata={
@@ -79,7 +80,7 @@ def check_ddp_wrapper(model):
 
 
 @register_task("translation_flowseq", dataclass=TranslationFlowSeqConfig)
-class TranslationFlowSeqTask(TranslationTask):
+class TranslationFlowSeqTask(TaskGuardsMixin, TranslationTask):
     cfg: TranslationFlowSeqConfig
 
     def __init__(self, cfg: TranslationFlowSeqConfig, src_dict, tgt_dict):

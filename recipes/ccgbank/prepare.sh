@@ -67,6 +67,7 @@ AUTO_DIR=
 for cand in "$CCG_DIR/data/AUTO" "$CCG_DIR/AUTO" "$CCG_DIR"; do
   if [ -d "$cand/00" ] || [ -d "$cand/02" ] || [ -d "$cand/23" ]; then AUTO_DIR=$cand; break; fi
 done
+INPUTS+=("$CCG_DIR")
 [ -n "$AUTO_DIR" ] || die "no CCGbank AUTO sections under $CCG_DIR: expected $CCG_DIR/data/AUTO/<NN>/wsj_<NN>*.auto (NN = 00 ... 24; the LDC2005T13 release layout), or the AUTO folder itself"
 declare -A SECTIONS=()
 SECTIONS[train]=$(expand_sections "$TRAIN_SECTIONS") || exit 1   # die() inside $(...) only leaves the subshell

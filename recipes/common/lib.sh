@@ -34,32 +34,67 @@ parse_prepare_args() {
 }
 phase() { echo "=== [$(basename "$(dirname "$0")") $(date +%H:%M:%S)] $* ==="; }
 
+# The inputs of a prepare.sh (files and directories): guard_outdir never replaces a path that is,
+# contains or lies inside one of them.  A recipe adds its input directories; require_file adds each file.
+INPUTS=()
+
 # A file the pipeline needs: present and with at least one byte.
 require_file() {
   [ -e "$1" ] || die "missing input file: $1"
   [ -f "$1" ] || die "not a regular file: $1"
   [ -s "$1" ] || die "empty input file: $1"
+  INPUTS+=("$1")
+}
+
+# Text the pipeline reads must be UTF-8 with no carriage return inside a line (file and line named).
+require_text() {
+  local f; for f in "$@"; do require_file "$f"; done
+  "$PY" "$HELPERS/tools.py" check-text "$@" || exit 1
 }
 
 # Parallel files must be line-aligned; a count mismatch means a broken download or a wrong pair.
+# Lines are counted as the Python tools and fairseq-preprocess read them (a lone \r ends a line for
+# them, not for wc -l), after checking that both files are UTF-8 (tools.py check-parallel).
 require_parallel() {
-  local a=$1 b=$2 na nb
+  local a=$1 b=$2
   require_file "$a"; require_file "$b"
-  na=$(wc -l < "$a"); nb=$(wc -l < "$b")
-  [ "$na" -eq "$nb" ] || die "line counts differ: $a has $na lines, $b has $nb lines"
-  echo "  ok $(basename "$a") / $(basename "$b"): $na lines"
+  "$PY" "$HELPERS/tools.py" check-parallel "$a" "$b" || exit 1
 }
 
 # Refuses to write into a directory that already holds something unless --force was given;
 # with --force only the subdirectories this pipeline creates are replaced, nothing else there.
+# Whatever --force says, none of those paths may be, contain or lie inside an input (INPUTS; resolved
+# real paths, so symbolic links and .. cannot hide it).  If the script then fails, the paths it created
+# are removed again (guard_cleanup), so a failed run leaves OUT_DIR as it found it.
+GUARD_OUT=
+GUARD_SUBS=()
+GUARD_CREATED_OUT=0
 guard_outdir() {
   local out=$1 force=$2; shift 2
+  local inputs=() i
+  for i in "${INPUTS[@]}"; do inputs+=(--input "$i"); done
+  "$PY" "$HELPERS/tools.py" check-outputs --out "$out" "${inputs[@]}" "$@" || exit 1
   if [ -d "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
     [ "$force" = 1 ] || die "output directory $out already exists and is not empty; refusing to overwrite it (pass --force to replace the recipe's own subdirectories: $*)"
     echo "  --force: replacing $* in $out"
     local sub; for sub in "$@"; do rm -rf "${out:?}/$sub"; done
   fi
+  [ -e "$out" ] || GUARD_CREATED_OUT=1
   mkdir -p "$out"
+  GUARD_OUT=$out
+  GUARD_SUBS=("$@")
+  trap guard_cleanup EXIT
+}
+
+# EXIT trap of guard_outdir: on failure, removes what this run wrote (the recipe's own paths, which
+# did not exist when it started), and OUT_DIR itself when this run created it and it is empty again.
+guard_cleanup() {
+  local rc=$? sub
+  [ "$rc" -ne 0 ] && [ -n "$GUARD_OUT" ] || return 0
+  for sub in "${GUARD_SUBS[@]}"; do rm -rf "${GUARD_OUT:?}/$sub"; done
+  if [ "$GUARD_CREATED_OUT" = 1 ]; then rmdir "$GUARD_OUT" 2> /dev/null || true; fi
+  echo "  (failed: removed the partial outputs of this run from $GUARD_OUT: ${GUARD_SUBS[*]})" >&2
+  exit "$rc"
 }
 
 # fairseq-train/-generate flags for the device: a GPU when torch sees one, else --cpu.

@@ -78,7 +78,7 @@ train_model() {
   mkdir -p "$dir"
   # fairseq-train resumes from $dir/checkpoint_last.pt when it exists: rerunning a stage continues it.
   # --required-batch-size-multiple 1: with fairseq's default of 8 the validation set loses sentences
-  # (a 7-sentence set becomes empty), as generation does (issue 5036).
+  # (a 7-sentence set becomes empty), as generation does (fairseq issue 5036).
   # a model may replace a flag group with its own array MODEL_<name>, REG_<name>, OPTIM_<name>,
   # BATCH_<name> (e.g. an LSTM next to the transformer baseline)
   local group; local -A use=()
@@ -144,10 +144,10 @@ train_method() {
     return
   fi
   local -n method_flags="FLAGS_$method"
-  local extra=() init=${METHOD_INIT[$method]:-}
+  local extra=() init=${METHOD_INIT[$method]:-} ckpt=
   read -r -a extra <<< "$(method_mix_flags "$method")"
   if [ -n "$init" ] && [ ! -s "$EXP_DIR/$method/checkpoint_last.pt" ]; then
-    local ckpt=$EXP_DIR/$init/${WARM_START:-checkpoint_last.pt}
+    ckpt=$EXP_DIR/$init/${WARM_START:-checkpoint_last.pt}
     [ -s "$ckpt" ] || die "$method is warm-started from $ckpt, which does not exist: train $init first ($( [ "$init" = baseline ] && echo "stage 1" || echo "--methods $init,$method"))"
     extra+=(--restore-file "$ckpt" --reset-optimizer --reset-dataloader --reset-meters --reset-lr-scheduler)
   fi
@@ -156,6 +156,11 @@ train_method() {
   phase "stage 2: $method (${method_flags[*]} ${extra[*]})"
   train_model "$method" "${method_flags[@]}" "${extra[@]}"
   unset -n method_flags
+  # fairseq trains from scratch, logging only "No existing checkpoint found", when it cannot load
+  # --restore-file; its "Loaded checkpoint PATH" line is the proof that the warm start happened.
+  if [ -n "${ckpt:-}" ] && ! grep -qF "Loaded checkpoint $ckpt " "$EXP_DIR/$method/train.log"; then
+    die "$method did not load its warm-start checkpoint $ckpt (no 'Loaded checkpoint' line in $EXP_DIR/$method/train.log): it trained from scratch; remove $EXP_DIR/$method and rerun"
+  fi
 }
 
 # Every method of METHODS, the initialisers (no warm start) first, so that e.g. a self-normalized
@@ -181,7 +186,7 @@ generate_all() {
     for decode in "${decodes[@]}"; do
       read -r -a flags <<< "$(decode_flags "$decode" "$model")"
       echo "--- $model, $decode (${flags[*]}) ---"
-      # --required-batch-size-multiple 1: otherwise fairseq may drop the last batch's tail (issue 5036).
+      # --required-batch-size-multiple 1: otherwise fairseq may drop the last batch's tail (fairseq issue 5036).
       # --post-process sentencepiece: D- lines are decoded text, ready for sacreBLEU.
       local cmd=(fairseq-generate "$DATA_DIR/bin" --user-dir "$USER_DIR" --source-lang "$SRC" --target-lang "$TGT"
         --path "$dir/checkpoint_last.pt" --gen-subset test "${DEVICE_FLAGS[@]}"

@@ -137,7 +137,7 @@ generate_tagging() {
         local flags
         read -r -a flags <<< "$(decode_flags "$decode" "$model")"
         # the tagging task's generator emits exactly one label per word;
-        # --required-batch-size-multiple 1: otherwise fairseq may drop sentences (issue 5036)
+        # --required-batch-size-multiple 1: otherwise fairseq may drop sentences (fairseq issue 5036)
         local cmd=(fairseq-generate "$DATA_DIR/bin" --user-dir "$USER_DIR" --task tagging
           --source-lang "$SRC" --target-lang "$TGT" --path "$dir/checkpoint_last.pt" --gen-subset "$split"
           "${DEVICE_FLAGS[@]}" "${flags[@]}" --batch-size "${GEN_BATCH_SIZE:-128}" --required-batch-size-multiple 1

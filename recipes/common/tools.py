@@ -15,6 +15,9 @@ Usage: python3 tools.py COMMAND ...   (see --help of each command)
   logz        mean and variance of the local log-normalizer log Z of a checkpoint on a split
               (teacher-forced; Table 5.1 of Goyal's thesis)
   ccgbank     CCGbank AUTO files -> aligned word / supertag files (one sentence per line)
+  check-text  input text files are UTF-8 with no carriage return inside a line (file and line named)
+  check-parallel  two such files have the same number of lines, counted as the tools count them
+  check-outputs   no path a prepare.sh replaces is, contains or lies inside one of its inputs
 """
 import argparse
 import os
@@ -23,6 +26,93 @@ import sys
 
 # fairseq_ext from this checkout when it is not installed (tagscore, logz)
 sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+class TextError(Exception):
+    """A text input the pipeline cannot read as every tool does; the message names the file and line."""
+
+
+def text_lines(path):
+    """Yields (1-based line number, line without its end) as the tools read the file, refusing bytes that
+    are not UTF-8 and a carriage return inside a line.
+
+    Python's text files (these tools) and fairseq-preprocess end a line at \\n, \\r\\n and a lone
+    \\r; ``wc -l`` counts only \\n.  A lone \\r inside a line therefore makes the tools see one line
+    more than the shell's check did (401 against 400), and the pair is misaligned from that line on.
+    \\n and \\r\\n line ends are accepted.  The other separators of str.splitlines (\\v, \\f,
+    \\x1c-\\x1e, \\x85, \\u2028, \\u2029) end no line for these tools (fairseq's tokenizer reads them
+    as spaces), so they are accepted too.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            try:
+                line = body.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TextError(
+                    f"{path} line {number}: not UTF-8 (byte {body[err.start:err.start + 1]!r} at byte {err.start + 1} "
+                    "of the line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            if "\r" in line:
+                raise TextError(
+                    f"{path} line {number}: a carriage return (\\r) inside the line, at character "
+                    f"{line.index(chr(13)) + 1}; Python and fairseq-preprocess split the line there, so the files "
+                    "would lose their alignment: remove it (e.g. tr -d '\\r')"
+                )
+            yield number, line
+
+
+def count_lines(path):
+    count = 0
+    for count, _ in text_lines(path):
+        pass
+    return count
+
+
+def check_text(args):
+    try:
+        for path in args.files:
+            count_lines(path)
+    except TextError as err:
+        sys.exit(f"ERROR: {err}")
+
+
+def check_parallel(args):
+    try:
+        na, nb = count_lines(args.a), count_lines(args.b)
+    except TextError as err:
+        sys.exit(f"ERROR: {err}")
+    if na != nb:
+        sys.exit(f"ERROR: line counts differ: {args.a} has {na} lines, {args.b} has {nb} lines")
+    print(f"  ok {os.path.basename(args.a)} / {os.path.basename(args.b)}: {na} lines")
+
+
+def overlap(target, source):
+    """How the path ``target`` (to be replaced) meets the input ``source``, or None; both resolved."""
+    t, s = os.path.realpath(target), os.path.realpath(source)
+    if t == s:
+        return "is"
+    if s.startswith(t.rstrip(os.sep) + os.sep):
+        return "contains"
+    if t.startswith(s.rstrip(os.sep) + os.sep):
+        return "lies inside"
+    return None
+
+
+def check_outputs(args):
+    """Refuses (exit 1) when a path the recipe deletes or writes is, contains or lies inside an input."""
+    for sub in args.subpaths:
+        target = os.path.join(args.out, sub)
+        for source in args.inputs:
+            how = overlap(target, source)
+            if how:
+                sys.exit(
+                    f"ERROR: {target} {how} the input {source} (resolved: {os.path.realpath(target)} and "
+                    f"{os.path.realpath(source)}); this recipe replaces {target}, which would destroy its own input. "
+                    "Choose an output directory outside the input files and directories."
+                )
 
 
 def spm_train(args):
@@ -353,6 +443,21 @@ def main(argv=None):
     s.add_argument("--target-suffix", default="tags")
     s.add_argument("prefix")
     s.set_defaults(fn=ccgbank)
+
+    s = sub.add_parser("check-text", help="UTF-8, no carriage return inside a line")
+    s.add_argument("files", nargs="+")
+    s.set_defaults(fn=check_text)
+
+    s = sub.add_parser("check-parallel", help="check-text, and the same number of lines")
+    s.add_argument("a")
+    s.add_argument("b")
+    s.set_defaults(fn=check_parallel)
+
+    s = sub.add_parser("check-outputs", help="no replaced path is, contains or lies inside an input")
+    s.add_argument("--out", required=True, help="the output directory")
+    s.add_argument("--input", dest="inputs", action="append", default=[], help="an input file or directory (repeatable)")
+    s.add_argument("subpaths", nargs="+", help="the entries of --out the recipe replaces")
+    s.set_defaults(fn=check_outputs)
     args = p.parse_args(argv)
     args.fn(args)
 

@@ -34,10 +34,12 @@ parse_prepare_args "$@"
 DATA_DIR=${POS[0]}
 OUT_DIR=${POS[1]}
 [ -d "$DATA_DIR" ] || die "data directory not found: $DATA_DIR"
+INPUTS+=("$DATA_DIR")
 [[ $TAG_COLUMN =~ ^[0-9]+$ ]] || die "--tag-column takes a 0-based column number, got '$TAG_COLUMN'"
 
 phase "checking inputs in $DATA_DIR"
-for split in train valid test; do require_file "$DATA_DIR/$split.txt"; done
+# UTF-8, no stray carriage return: checked before anything is written
+require_text "$DATA_DIR/train.txt" "$DATA_DIR/valid.txt" "$DATA_DIR/test.txt"
 
 phase "output directory $OUT_DIR"
 guard_outdir "$OUT_DIR" "$FORCE" raw bin pair.env preprocess.log

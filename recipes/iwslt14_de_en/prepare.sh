@@ -65,8 +65,13 @@ release_to_raw() {
 if [ -n "$LOCAL" ]; then
   [ -d "$LOCAL" ] || die "--local directory not found: $LOCAL"
   phase "checking inputs in $LOCAL"
+  INPUTS+=("$LOCAL")
   if [ -e "$LOCAL/train.tags.de-en.$SRC" ]; then
-    for lang in $SRC $TGT; do require_file "$LOCAL/train.tags.de-en.$lang"; done
+    # UTF-8, no stray carriage return: checked before anything is written
+    for lang in $SRC $TGT; do
+      require_text "$LOCAL/train.tags.de-en.$lang"
+      for set in $TEST_SETS; do require_text "$LOCAL/$set.de-en.$lang.xml"; done
+    done
     LAYOUT=release
   else
     for split in train valid test; do require_parallel "$LOCAL/$split.$SRC" "$LOCAL/$split.$TGT"; done

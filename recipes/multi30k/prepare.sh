@@ -31,6 +31,7 @@ parse_prepare_args "$@"
 DATA_DIR=${POS[0]}
 OUT_DIR=${POS[1]}
 [ -d "$DATA_DIR" ] || die "data directory not found: $DATA_DIR"
+INPUTS+=("$DATA_DIR")   # never replaced, also when it is OUT_DIR/raw (the release keeps its files in data/task1/raw)
 
 phase "checking inputs in $DATA_DIR"
 # release name -> our split name

@@ -38,6 +38,7 @@ OUT_DIR=${POS[0]}
 
 if [ -n "$LOCAL" ]; then
   [ -d "$LOCAL" ] || die "--local directory not found: $LOCAL"
+  INPUTS+=("$LOCAL")
   phase "checking inputs in $LOCAL"
   for split in train valid test; do require_parallel "$LOCAL/$split.$SRC" "$LOCAL/$split.$TGT"; done
 fi

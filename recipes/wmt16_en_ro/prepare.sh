@@ -54,6 +54,7 @@ case "$SRC-$TGT" in en-ro|ro-en) ;; *) die "--src/--tgt: en-ro or ro-en, got $SR
 
 if [ -n "$LOCAL" ]; then
   [ -d "$LOCAL" ] || die "--local directory not found: $LOCAL"
+  INPUTS+=("$LOCAL")
   phase "checking inputs in $LOCAL"
   for split in train valid test; do require_parallel "$LOCAL/$split.$SRC" "$LOCAL/$split.$TGT"; done
 fi
