@@ -1,4 +1,4 @@
-"""FlowSeq's flow layers and multi-scale prior (issue 5): the flow invariants of conventions item 20
+"""FlowSeq's flow layers and multi-scale prior (Ma et al., FlowSeq, section 3.4): the usual flow invariants
 (inverse(forward(z)) = z, forward + inverse log-det = 0, log-det = slogdet of the brute-force
 Jacobian, padding untouched and invisible, no NaN/inf), actnorm's init over real positions, the
 couplings' zero-init start, the multi-head linear's never-stale inverse, and Eq. (6) for the prior."""

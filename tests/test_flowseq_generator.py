@@ -1,11 +1,14 @@
-"""FlowSeq decoding (argmax / sample / NPD / IWD; Ma et al. 2019 sec. 3.6) and fairseq-generate with it.
+"""FlowSeq decoding (argmax / sample / NPD / IWD; Ma et al., FlowSeq, EMNLP 2019, section 3.6) and
+fairseq-generate with it.
 
 The first part runs FlowSeqGenerator on a hand-made fake model with the FlowSeq API (a "reverse the
 source" decoder, deterministic length log-probs, a shifted-identity prior and a Gaussian posterior), and
-compares it with slow per-candidate loops written from the paper's formulas.  The second part trains a
-real ``flowseq_tiny`` (skipped until fairseq_ext/models/flowseq.py exists) and decodes it with each mode
-through fairseq-generate.
+compares it with slow per-candidate loops written from the paper's formulas; it also checks the noise
+scale (the sampling temperature) and that IWD's K posterior samples are random draws.  The second part
+runs the same checks on an untrained real ``flowseq_tiny`` in-process, and (marked slow) trains one and
+decodes it with each mode through fairseq-generate.
 """
+import functools
 import math
 import os
 import tempfile
@@ -24,7 +27,7 @@ from fairseq_ext.generators.flowseq_generator import (
     strip_eos_padding,
     validate_generation_config,
 )
-from fairseq_ext.testing import cli, synthetic
+from fairseq_ext.testing import cli
 
 NUM_WORDS = 8  # w0 .. w7
 SPECIAL_TOKEN = 7  # w7: the token the latent z can switch on (so that samples differ)
@@ -92,6 +95,7 @@ class FakeFlowSeq(torch.nn.Module):
         self.prior = FakePrior()
         self.pad_logit = pad_logit
         self.posterior_samples = []
+        self.posterior_means, self.posterior_masks = [], []
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def encode(self, src_tokens, src_lengths):
@@ -143,6 +147,8 @@ class FakeFlowSeq(torch.nn.Module):
         z = (mean + (0.5 * torch.randn_like(mean) if random else 0)) * mask.unsqueeze(-1)
         log_q = gaussian_log_density(z, mean, 0.5, mask)
         self.posterior_samples.append(z.clone())
+        self.posterior_means.append(mean.clone())
+        self.posterior_masks.append(mask.clone())
         return z, log_q
 
 
@@ -399,6 +405,80 @@ def test_iwd_score_equals_the_papers_formula_per_candidate():
         assert out[0]["tokens"].tolist() == list(max(expected, key=expected.get))
 
 
+def assert_centred_normal(x, scale, alpha=1e-4):
+    """x (any shape) holds iid N(0, scale^2) draws: two-sided chi-square test of sum (x / scale)^2 ~ chi2(n)
+    and z-test of the mean.  alpha = 1e-4: the seeds are fixed, so this only bounds how unlucky a seed may
+    be; a wrong scale (1 instead of 0.3, T^2, sqrt T) or the mean instead of draws gives p far below it."""
+    from scipy import stats
+
+    x = x.double().flatten() / scale
+    n = x.numel()
+    assert n >= 500, n
+    ss = x.pow(2).sum().item()
+    p_scale = 2 * min(stats.chi2.cdf(ss, n), stats.chi2.sf(ss, n))
+    p_mean = 2 * stats.norm.sf(abs(x.mean().item()) * math.sqrt(n))
+    assert p_scale > alpha and p_mean > alpha, (n, ss / n, x.mean().item(), p_scale, p_mean)
+
+
+@pytest.mark.parametrize("mode", ["sample", "iwd"])
+@pytest.mark.parametrize("temperature", [0.3, 2.0])
+def test_prior_noise_has_the_temperature_as_its_standard_deviation(mode, temperature):
+    """Ma et al., FlowSeq, section 4.2 (after Kingma and Dhariwal, 2018): a reduced-temperature sample draws
+    the prior's base noise eps ~ N(0, T^2 I); padded positions and IWD's first sample per length are 0."""
+    torch.manual_seed(4)
+    model = FakeFlowSeq()
+    l, r = 3, 24
+    gen = FlowSeqGenerator([model], DICT, cfg(decoding=mode, length_candidates=l, samples=r,
+                                              temperature=temperature, iwd_samples=1))  # fmt: skip
+    gen.generate([model], batch(*SENTENCES))
+    eps = model.prior.received_eps[0]  # N x T x F
+    lengths = torch.tensor([[length for length, _ in length_table(model, s)[:l]] for s in SENTENCES])  # B x l
+    real = torch.arange(eps.size(1))[None, :] < lengths.flatten().repeat_interleave(r)[:, None]  # N x T
+    assert eps[~real].abs().sum() == 0
+    drawn = torch.ones(eps.size(0), dtype=torch.bool)
+    if mode == "iwd":  # the first sample of every length is the prior's mode
+        drawn[::r] = False
+        assert eps[~drawn].abs().sum() == 0
+    assert_centred_normal(eps[drawn[:, None] & real], temperature)
+    # every drawn candidate has its own noise: no two samples of a length share it
+    per_length = eps.view(-1, r, *eps.shape[1:])[:, 1:] if mode == "iwd" else eps.view(-1, r, *eps.shape[1:])
+    first_position = per_length[:, :, 0, :]  # (B*l) x r' x F: position 0 is real in every candidate
+    gaps = (first_position[:, :, None] - first_position[:, None, :]).abs().sum(-1)  # (B*l) x r' x r'
+    assert (gaps + torch.eye(gaps.size(1)) > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["sample", "iwd"])
+def test_temperature_zero_decodes_the_priors_mode_like_argmax(mode):
+    model = FakeFlowSeq()
+    gen = FlowSeqGenerator([model], DICT, cfg(decoding=mode, length_candidates=2, samples=1, temperature=0.0))
+    hypos = gen.generate([model], batch(*SENTENCES))
+    assert model.prior.received_eps[0].abs().sum() == 0
+    argmax = FlowSeqGenerator([model], DICT, cfg()).generate([model], batch(*SENTENCES))
+    for out, best in zip(hypos, argmax):  # the top length's candidate is argmax decoding's hypothesis
+        assert best[0]["tokens"].tolist() in [h["tokens"].tolist() for h in out]
+
+
+def test_iwd_draws_k_distinct_posterior_samples_per_candidate():
+    """Ma et al., FlowSeq, section 3.6: z_i^(k) ~ q(z | y_i, x) for k = 1..K are K random draws (not the
+    posterior mean K times): pairwise distinct, and distributed as q."""
+    torch.manual_seed(5)
+    model = FakeFlowSeq()
+    k = 4
+    gen = FlowSeqGenerator([model], DICT, cfg(decoding="iwd", length_candidates=3, samples=4, temperature=0.5,
+                                              iwd_samples=k))  # fmt: skip
+    gen.generate([model], batch(*SENTENCES))
+    assert len(model.posterior_samples) == k
+    z = torch.stack(model.posterior_samples)  # K x N x T x F
+    mean = torch.stack(model.posterior_means)
+    real = model.posterior_masks[0].bool()  # N x T: the candidates' positions
+    assert all(torch.equal(m.bool(), real) for m in model.posterior_masks)
+    for a in range(k):
+        for b in range(a + 1, k):
+            assert ((z[a] - z[b]).abs()[real] > 0).all(), (a, b)
+    # the fake posterior is N(mean, 0.5^2) per entry
+    assert_centred_normal((z - mean)[:, real], 0.5)
+
+
 def test_importance_weight_is_a_log_mean_exp():
     log_p_y = torch.tensor([[-1.0, -2.0], [-3.0, -3.0]])
     log_p_z = torch.tensor([[-0.5, 0.0], [1.0, 1.0]])
@@ -512,17 +592,25 @@ def test_missing_teacher_checkpoint_is_named(tmp_path):
 # -- the real (untrained) flowseq_tiny in-process -------------------------------------------------------
 
 
-def build_real_flowseq(num_symbols=10, seed=0):
-    """An untrained flowseq_tiny and its task, parsed as fairseq-train parses the flags."""
-    from fairseq import options, tasks
-
+@functools.lru_cache(maxsize=None)
+def dictionary_dir(num_symbols):
+    """One data directory (only the dictionaries: nothing else is read) per vocabulary size."""
     from fairseq_ext.testing import tiny
 
-    torch.manual_seed(seed)
     data_dir = tempfile.mkdtemp(prefix="flowseq_generator_test_")
     tiny.write_dictionary(data_dir, num_symbols)
+    return data_dir
+
+
+def build_real_flowseq(num_symbols=10, seed=0, flags=()):
+    """An untrained flowseq_tiny and its task, parsed as fairseq-train parses the flags (the task's
+    ``--flowseq-*`` decoding flags among them)."""
+    from fairseq import options, tasks
+
+    torch.manual_seed(seed)
+    data_dir = dictionary_dir(num_symbols)
     argv = [data_dir, "--user-dir", cli.USER_DIR, "--cpu", "--task", "translation_flowseq", "-s", "src", "-t", "tgt",
-            "--arch", "flowseq_tiny", "--criterion", "flowseq_loss"]  # fmt: skip
+            "--arch", "flowseq_tiny", "--criterion", "flowseq_loss", *flags]  # fmt: skip
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     task = tasks.setup_task(args)
     model = task.build_model(args)
@@ -540,7 +628,6 @@ def real_batch(task, pairs):
 
 
 def test_real_model_sentences_decode_the_same_alone_and_in_a_batch():
-    pytest.importorskip("fairseq_ext.models.flowseq")
     task, model, _ = build_real_flowseq()
     for options in [dict(), dict(decoding="sample", length_candidates=3)]:  # deterministic: eps = 0
         gen = FlowSeqGenerator([model], task.target_dictionary, cfg(**options))
@@ -554,7 +641,6 @@ def test_real_model_sentences_decode_the_same_alone_and_in_a_batch():
 
 
 def test_real_model_npd_teacher_scores_match_fairseqs_sequence_scorer():
-    pytest.importorskip("fairseq_ext.models.flowseq")
     from fairseq.data import data_utils
     from fairseq.sequence_scorer import SequenceScorer
 
@@ -588,6 +674,123 @@ def test_real_model_npd_teacher_scores_match_fairseqs_sequence_scorer():
         assert totals == sorted(totals, reverse=True)  # ranked by the teacher's summed log-likelihood
 
 
+def perturb_posterior(model, seed=3):
+    """Moves q(z|y,x) off its zero-initialised N(0, I) start (mu and log sigma^2 then vary with y and t)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head, std in ((model.posterior_net.mu, 0.3), (model.posterior_net.logvar, 0.2)):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 2.0])
+def test_real_model_the_task_flag_sets_the_prior_noise_scale(temperature):
+    """--flowseq-temperature, through the task's generator, is the standard deviation of the noise the real
+    prior inverts (the latent before the flow)."""
+    flags = ["--flowseq-decoding", "sample", "--flowseq-length-candidates", "2", "--flowseq-samples", "8",
+             "--flowseq-temperature", str(temperature)]  # fmt: skip
+    task, model, _ = build_real_flowseq(flags=flags)
+    received = []
+    original = model.prior.sample
+
+    def recording(eps, mask, src, src_mask):
+        received.append((eps.clone(), mask.bool().clone()))
+        return original(eps, mask, src, src_mask)
+
+    model.prior.sample = recording
+    torch.manual_seed(6)
+    hypos = task.build_generator([model], None).generate([model], real_batch(task, REAL_PAIRS))
+    check_hypothesis_format(hypos)
+    (eps, mask), = received
+    assert eps.shape[0] == len(REAL_PAIRS) * 2 * 8 and eps.shape[2] == model.latent_dim
+    assert eps[~mask].abs().sum() == 0
+    assert_centred_normal(eps[mask], temperature)
+    # temperature 0 (argmax decoding): eps = 0 exactly
+    received.clear()
+    task0, _, _ = build_real_flowseq()
+    task0.build_generator([model], None).generate([model], real_batch(task, REAL_PAIRS))
+    assert received[0][0].abs().sum() == 0
+
+
+def test_real_model_iwd_scores_are_the_papers_estimate_from_k_random_posterior_draws():
+    """Ma et al., FlowSeq, section 3.6 on the real flowseq_tiny: the K posterior draws per candidate are random
+    (distinct, standardised residuals N(0, 1)), and each hypothesis's score is
+    [log (1/K) sum_k P(y|z_k,x) p(z_k|x) / q(z_k|y,x) + log P(len|x)] / len, recomputed here from the draws."""
+    task, model, _ = build_real_flowseq()
+    perturb_posterior(model)
+    draws = []
+    original = model.posterior
+
+    def recording(tokens, mask, src, src_mask, n_samples=1, random=True):
+        z, log_q = original(tokens, mask, src, src_mask, n_samples, random)
+        draws.append((tokens.clone(), mask.bool().clone(), src, src_mask, z.clone()))
+        return z, log_q
+
+    model.posterior = recording
+    l, r, k = 2, 3, 4
+    torch.manual_seed(7)
+    gen = FlowSeqGenerator([model], task.target_dictionary, cfg(decoding="iwd", length_candidates=l, samples=r,
+                                                               temperature=0.5, iwd_samples=k))  # fmt: skip
+    sample = real_batch(task, REAL_PAIRS)
+    hypos = gen.generate([model], sample)
+    check_hypothesis_format(hypos)
+    assert len(draws) == k
+    tokens, mask, src, src_mask, _ = draws[0]  # N x T: every candidate, EOS-padded to its length
+    n_cand = len(REAL_PAIRS) * l * r
+    assert tokens.size(0) == n_cand and all(torch.equal(d[0], tokens) for d in draws)
+    with torch.no_grad():
+        mu, logvar = model.posterior_params(tokens, mask.float(), src, src_mask)  # N x T x F
+        std = torch.exp(0.5 * logvar)
+        zs = torch.stack([d[4] for d in draws])  # K x N x T x F
+        for a in range(k):
+            for b in range(a + 1, k):
+                assert ((zs[a] - zs[b]).abs()[mask] > 0).all(), (a, b)
+        assert_centred_normal(((zs - mu) / std)[:, mask], 1.0)
+        log_w = []
+        for z in zs:
+            log_p_y = (model.decode(z, mask.float(), src, src_mask).gather(-1, tokens[..., None]).squeeze(-1)
+                       * mask).sum(-1)  # fmt: skip
+            log_p_z = model.prior.log_prob(z, mask.float(), src, src_mask)
+            log_q = (torch.distributions.Normal(mu, std).log_prob(z).sum(-1) * mask).sum(-1)
+            log_w.append(log_p_y + log_p_z - log_q)
+        iw = torch.logsumexp(torch.stack(log_w, 1), 1) - math.log(k)  # N
+        enc = model.encode(sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"])
+        len_lp, len_values = model.length_log_probs(*enc)  # B x C
+    lengths = mask.sum(1)  # N
+    sentence = torch.arange(n_cand) // (l * r)
+    cand_len_lp = len_lp[sentence].gather(1, (len_values[sentence] == lengths[:, None]).float().argmax(1)[:, None])
+    expected = (iw + cand_len_lp.squeeze(1)) / lengths  # N
+    for b, out in enumerate(hypos):
+        mine = expected[b * l * r:(b + 1) * l * r]
+        assert out[0]["score"].item() == pytest.approx(mine.max().item(), abs=1e-4)
+        for h in out:
+            assert (mine - h["score"]).abs().min() < 1e-4
+
+
+def test_decoding_under_the_translation_task_names_the_flowseq_task():
+    """fairseq-generate without --task translation_flowseq builds fairseq's SequenceGenerator (or, with
+    --score-reference, its SequenceScorer), which calls the model as an autoregressive decoder."""
+    from fairseq import options
+    from fairseq.sequence_generator import SequenceGenerator
+    from fairseq.sequence_scorer import SequenceScorer
+
+    from fairseq_ext.testing import tiny
+
+    data_dir = dictionary_dir(10)
+    task, model, _ = tiny.build("flowseq_tiny", ["--criterion", "flowseq_loss"], num_symbols=10, data_dir=data_dir)
+    assert type(task).__name__ == "TranslationTask"
+    model.eval()
+    args = options.parse_args_and_arch(options.get_generation_parser(), [data_dir, "--user-dir", cli.USER_DIR,
+                                                                         "--path", "unused.pt", "--beam", "2"])
+    generator = task.build_generator([model], args)
+    assert isinstance(generator, SequenceGenerator)
+    sample = real_batch(task, REAL_PAIRS)
+    with pytest.raises(ValueError, match="--task translation_flowseq"):
+        generator.generate([model], sample)
+    with pytest.raises(ValueError, match="--task translation_flowseq"):
+        SequenceScorer(task.target_dictionary).generate([model], sample)
+
+
 # -- the real model through fairseq-generate -----------------------------------------------------------
 
 TINY_FLOWSEQ = ["--task", "translation_flowseq", "--arch", "flowseq_tiny"]
@@ -595,7 +798,6 @@ TINY_FLOWSEQ = ["--task", "translation_flowseq", "--arch", "flowseq_tiny"]
 
 @pytest.fixture(scope="module")
 def flowseq_checkpoint(reverse_data_bin, tmp_path_factory):
-    pytest.importorskip("fairseq_ext.models.flowseq", reason="the flowseq model is not written yet")
     save = str(tmp_path_factory.mktemp("flowseq_ckpt"))
     cli.train(reverse_data_bin, save, [*TINY_FLOWSEQ, "--criterion", "flowseq_loss", "--max-update", "3",
                                        "--max-tokens", "500"])  # fmt: skip
@@ -610,6 +812,7 @@ def teacher_checkpoint(reverse_data_bin, tmp_path_factory):
     return os.path.join(save, "checkpoint_last.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags",
     [
@@ -632,22 +835,34 @@ def test_fairseq_generate_decodes_every_sentence(reverse_data_bin, flowseq_check
     assert scores and all(math.isfinite(s) for s in scores)
 
 
-def test_bad_teacher_checkpoints_fail_before_decoding(reverse_data_bin, flowseq_checkpoint, tmp_path):
-    base = ["--task", "translation_flowseq", "--flowseq-decoding", "npd", "--flowseq-length-candidates", "2",
-            "--flowseq-samples", "2", "--flowseq-temperature", "0.5", "--flowseq-teacher-path"]  # fmt: skip
-    # a teacher on other dictionaries (a 30-word vocabulary instead of 20)
-    raw = synthetic.write_parallel(str(tmp_path / "raw"), task="reverse", vocab=30, sizes={"train": 50, "valid": 10})
-    cli.preprocess(raw, str(tmp_path / "bin"))
-    cli.train(str(tmp_path / "bin"), str(tmp_path / "other"), ["--task", "translation", *cli.TINY_TRANSFORMER,
-                                                               "--max-update", "1", "--max-tokens", "500"])  # fmt: skip
-    cases = [
-        (str(tmp_path / "other" / "checkpoint_last.pt"), "dictionary differs"),
-        (flowseq_checkpoint, "not an autoregressive"),
-        (str(tmp_path / "missing.pt"), "no such checkpoint"),
-    ]
-    for path, message in cases:
-        args = [reverse_data_bin, "--path", flowseq_checkpoint, "--cpu", "--gen-subset", "test", "--batch-size", "8",
-                "--required-batch-size-multiple", "1", *base, path]  # fmt: skip
-        out = cli.run_cli("fairseq-generate", args, check=False)
-        assert "--flowseq-teacher-path" in out and message in out, out[-3000:]
+@pytest.mark.slow
+def test_fairseq_generate_without_the_flowseq_task_says_which_task_to_use(reverse_data_bin, flowseq_checkpoint):
+    args = [reverse_data_bin, "--path", flowseq_checkpoint, "--cpu", "--gen-subset", "test", "--batch-size", "8",
+            "--required-batch-size-multiple", "1", "--num-workers", "0"]  # fmt: skip
+    for extra in ([], ["--score-reference"]):  # fairseq's SequenceGenerator, then its SequenceScorer
+        out = cli.run_cli("fairseq-generate", args + extra, check=False)
+        assert "--task translation_flowseq" in out and "TypeError" not in out, out[-3000:]
         assert not any(line.startswith("H-") for line in out.splitlines())
+
+
+@pytest.mark.slow
+def test_bad_teacher_checkpoints_fail_before_decoding(reverse_data_bin, flowseq_checkpoint, teacher_checkpoint):
+    # in-process: a teacher on other dictionaries (either side), and a non-autoregressive one (a missing file:
+    # test_missing_teacher_checkpoint_is_named)
+    src_dict, tgt_dict = (Dictionary.load(os.path.join(reverse_data_bin, f"dict.{s}.txt")) for s in ("src", "tgt"))
+    other = make_dictionary(30)  # a 30-word vocabulary instead of the data's 20
+    assert load_teacher(teacher_checkpoint, tgt_dict, src_dict) is not None
+    with pytest.raises(ValueError, match="--flowseq-teacher-path .* target dictionary differs"):
+        load_teacher(teacher_checkpoint, other, src_dict)
+    with pytest.raises(ValueError, match="--flowseq-teacher-path .* source dictionary differs"):
+        load_teacher(teacher_checkpoint, tgt_dict, other)
+    with pytest.raises(ValueError, match="--flowseq-teacher-path .* not an autoregressive"):
+        load_teacher(flowseq_checkpoint, tgt_dict, src_dict)
+    # and through fairseq-generate: the generator is built, and refuses the teacher, before any decoding
+    args = [reverse_data_bin, "--path", flowseq_checkpoint, "--cpu", "--gen-subset", "test", "--batch-size", "8",
+            "--required-batch-size-multiple", "1", "--task", "translation_flowseq", "--flowseq-decoding", "npd",
+            "--flowseq-length-candidates", "2", "--flowseq-samples", "2", "--flowseq-temperature", "0.5",
+            "--flowseq-teacher-path", flowseq_checkpoint]  # fmt: skip
+    out = cli.run_cli("fairseq-generate", args, check=False)
+    assert "--flowseq-teacher-path" in out and "not an autoregressive" in out, out[-3000:]
+    assert not any(line.startswith("H-") for line in out.splitlines())

@@ -1,5 +1,6 @@
 """FlowSeq model, ELBO criterion and task: unit tests on a tiny model (flowseq_tiny: width 16,
 latent 8, a 3-scale prior with one step per scale, so length_unit 4)."""
+import functools
 import math
 import tempfile
 
@@ -22,13 +23,19 @@ from fairseq_ext.testing.cli import USER_DIR
 PAIRS = [([1, 2, 3], [3, 2, 1]), ([4, 5, 6, 7, 8, 1, 2], [2, 1, 8, 7, 6, 5, 4]), ([2, 3], [3, 2, 4, 5, 6])]
 
 
+@functools.lru_cache(maxsize=None)
+def dictionary_dir(num_symbols):
+    """One data directory (only the dictionaries: nothing is read from disk but them) per vocabulary size."""
+    data_dir = tempfile.mkdtemp(prefix="flowseq_test_")
+    tiny.write_dictionary(data_dir, num_symbols)
+    return data_dir
+
+
 def build(flags=(), arch="flowseq_tiny", num_symbols=10, seed=0):
     """(task, model, criterion) for --task translation_flowseq, parsed as fairseq-train parses it."""
     torch.manual_seed(seed)
-    data_dir = tempfile.mkdtemp(prefix="flowseq_test_")
-    tiny.write_dictionary(data_dir, num_symbols)
-    argv = [data_dir, "--user-dir", USER_DIR, "--cpu", "--task", "translation_flowseq", "-s", "src", "-t", "tgt",
-            "--arch", arch, "--criterion", "flowseq_loss", *flags]  # fmt: skip
+    argv = [dictionary_dir(num_symbols), "--user-dir", USER_DIR, "--cpu", "--task", "translation_flowseq", "-s", "src",
+            "-t", "tgt", "--arch", arch, "--criterion", "flowseq_loss", *flags]  # fmt: skip
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     task = tasks.setup_task(args)
     model = task.build_model(args)
@@ -144,6 +151,9 @@ def test_prior_steps_parser_names_the_flag():
         (["--flowseq-posterior-samples", "0"], "--flowseq-posterior-samples"),
         (["--flowseq-kl-warmup-updates", "-1"], "--flowseq-kl-warmup-updates"),
         (["--flowseq-inject-nonfinite", "a"], "--flowseq-inject-nonfinite"),
+        (["--label-smoothing", "1.0"], r"--label-smoothing 1.0 is outside \[0, 1\)"),
+        (["--label-smoothing", "-0.1"], r"--label-smoothing -0.1 is outside \[0, 1\)"),
+        (["--flowseq-length-label-smoothing", "1.5"], r"--flowseq-length-label-smoothing 1.5 is outside"),
     ],
 )
 def test_impossible_flags_are_refused_at_build_time(flags, match):
@@ -401,3 +411,144 @@ def test_sentence_avg_normalises_per_sentence():
     criterion.set_num_updates(0)
     _, sample_size, log = criterion(model, batch(task))
     assert sample_size == 3 and log["npositions"] == 20 and log["ntokens"] == 18
+
+
+# -- the length target -------------------------------------------------------------------------------
+def test_length_target_is_the_eos_padded_length_exactly():
+    """Ma et al., FlowSeq, sections 3.4-3.5: the target is padded with EOS to a multiple of the length unit
+    (4 for three scales), and the length predictor's class is that padded length minus the source length."""
+    task, model, _ = build()
+    model.eval()
+    # (source words, target words): targets of 1 .. 11 words, i.e. 2 .. 12 tokens with their EOS
+    pairs = [(list(range(max(1, n - 2))), [(i * 3) % 10 for i in range(n)]) for n in range(1, 12)]
+    padded = [4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12]  # ceil((n + 1) / 4) * 4, written out by hand
+    sample = batch(task, pairs)
+    with torch.no_grad():
+        out = model(**sample["net_input"], target=sample["target"], random=False, with_prior=False)
+    src_len = sample["net_input"]["src_lengths"]  # source words + EOS
+    assert src_len.tolist() == [max(1, n - 2) + 1 for n in range(1, 12)]
+    assert out["positions"].sum(1).long().tolist() == padded
+    target = out["length"]["target"]  # B class indices, class c = target length S + (c - R)
+    R = model.length_range
+    assert target.tolist() == [p - s + R for p, s in zip(padded, src_len.tolist())]
+    _, lengths = model.length_log_probs(*model.encode(sample["net_input"]["src_tokens"], src_len))
+    assert lengths.gather(1, target[:, None]).squeeze(1).tolist() == padded
+    assert out["length"]["valid"].gather(1, target[:, None]).all()
+
+
+# -- non-causality -------------------------------------------------------------------------------------
+def causal_dependence(fn, x, first_to_last: bool):
+    """Gradient norm of a random projection of output position 0 (or the last) with respect to the input at
+    the last position (or 0), relative to its own position's: 0 for a causal (or anti-causal) layer."""
+    x = x.clone().requires_grad_(True)
+    out = fn(x)  # 1 x T x ...
+    w = torch.randn(out.shape[2:], generator=torch.Generator().manual_seed(0))
+    src_pos, dst_pos = (x.size(1) - 1, 0) if first_to_last else (0, x.size(1) - 1)
+    (grad,) = torch.autograd.grad((out[0, dst_pos] * w).sum(), x)
+    return (grad[0, src_pos].norm() / grad[0, dst_pos].norm()).item()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--flowseq-decoder-positions", "add"],  # only the Transformer layers mix positions
+     ["--decoder-layers", "0"],  # only the positional attention mixes them
+     []],
+    ids=["layers", "positional-attention", "both"],
+)  # fmt: skip
+def test_decoder_is_not_causal(flags):
+    """Ma et al., FlowSeq, section 3.3: P(y_t | z, x) sees every z_t' (no causal mask)."""
+    task, model, _ = build(flags)
+    model.eval()
+    src, src_mask, _, mask = encoded(model, batch(task, [([1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1])]))
+    z = torch.randn(1, mask.size(1), model.latent_dim, generator=torch.Generator().manual_seed(1))
+
+    def decode(z_):
+        return model.decode(z_, mask, src, src_mask)
+
+    assert mask.sum() == 8
+    assert causal_dependence(decode, z, first_to_last=True) > 1e-3
+    assert causal_dependence(decode, z, first_to_last=False) > 1e-3
+
+
+def test_posterior_is_not_causal():
+    """q(z_t | y, x) depends on every target token (eq. 9; the posterior's layers have no causal mask):
+    changing the LAST token moves mu and sigma at position 0, changing the first moves the last."""
+    task, model, _ = build()
+    perturb_posterior(model)
+    model.eval()
+    sample = batch(task, [([1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1])])
+    src, src_mask, tokens, mask = encoded(model, sample)
+    assert tokens.size(1) == 8 and mask.all()
+    with torch.no_grad():
+        mu, logvar = model.posterior_params(tokens, mask, src, src_mask)
+        for changed, watched in ((7, 0), (0, 7)):
+            other = tokens.clone()
+            other[0, changed] = 5 if tokens[0, changed] != 5 else 6
+            mu2, logvar2 = model.posterior_params(other, mask, src, src_mask)
+            assert (mu2[0, watched] - mu[0, watched]).abs().max() > 1e-4, (changed, watched)
+            assert (logvar2[0, watched] - logvar[0, watched]).abs().max() > 1e-4, (changed, watched)
+
+
+# -- the loss: its terms and the KL weight -------------------------------------------------------------
+INIT, HOLD, WARMUP = 2, 1, 4
+# w_KL by update count: pre-training (no KL) for INIT updates, held at 0 for HOLD, then WARMUP linear
+# steps ending at exactly 1 on the last one (update INIT + HOLD + WARMUP - 1 = 6) and 1 for ever after
+KL_WEIGHTS = {2: 0.0, 3: 0.25, 4: 0.5, 5: 0.75, 6: 1.0, 7: 1.0, 10**6: 1.0}
+
+
+def independent_terms(model, sample, noise, label_smoothing, length_smoothing):
+    """Per sentence (recon, log q - log p, length loss) of Ma et al., FlowSeq, eq. 8 and section 3.5, computed
+    from the model's components with torch.distributions and fairseq's label-smoothing formula written out;
+    z = mu + sigma * noise (noise = 0: the posterior mean of the pre-training phase)."""
+    src, src_mask, tokens, mask = encoded(model, sample)  # B x S x D, B x S, B x T, B x T
+    mu, logvar = model.posterior_params(tokens, mask, src, src_mask)  # B x T x F
+    std = torch.exp(0.5 * logvar)
+    z = (mu + std * noise) * mask[..., None]
+    log_q = (torch.distributions.Normal(mu, std).log_prob(z).sum(-1) * mask).sum(-1)  # B
+    log_p = model.prior.log_prob(z, mask, src, src_mask)  # B
+    lprobs = model.decode(z, mask, src, src_mask)  # B x T x V
+    nll = -lprobs.gather(-1, tokens[..., None]).squeeze(-1)  # B x T
+    eps_i = label_smoothing / (lprobs.size(-1) - 1)
+    recon = (((1 - label_smoothing - eps_i) * nll - eps_i * lprobs.sum(-1)) * mask).sum(-1)  # B
+    length_lp, lengths = model.length_log_probs(src, src_mask)  # B x C
+    target = (lengths == mask.sum(1, keepdim=True)).float().argmax(1)  # the class of the padded length
+    valid = torch.isfinite(length_lp)
+    smooth = -(length_lp.masked_fill(~valid, 0).sum(1) / valid.sum(1))
+    length = (1 - length_smoothing) * -length_lp.gather(1, target[:, None]).squeeze(1) + length_smoothing * smooth
+    return recon, log_q - log_p, length
+
+
+def test_loss_is_recon_plus_weighted_kl_plus_length_and_the_weight_reaches_one(monkeypatch):
+    monkeypatch.setattr(flowseq_module, "standard_normal_like", fixed_noise)
+    ls, length_ls, length_weight = 0.1, 0.2, 0.7
+    task, model, criterion = build(["--flowseq-init-updates", str(INIT), "--flowseq-kl-hold-updates", str(HOLD),
+                                    "--flowseq-kl-warmup-updates", str(WARMUP), "--label-smoothing", str(ls),
+                                    "--flowseq-length-label-smoothing", str(length_ls),
+                                    "--flowseq-length-loss-weight", str(length_weight)])  # fmt: skip
+    perturb_posterior(model)
+    model.train()  # flowseq_tiny has no dropout: train mode is deterministic
+    sample = batch(task)
+
+    def check(update, weight, noise):
+        if update is not None:
+            criterion.set_num_updates(update)
+        losses, _, log = criterion(model, sample, reduce=False)
+        with torch.no_grad():
+            recon, kl, length = independent_terms(model, sample, noise, ls, length_ls)
+        expected = recon + weight * kl + length_weight * length
+        assert torch.allclose(losses.detach(), expected, rtol=1e-4, atol=1e-4), (update, losses, expected)
+        assert log["kl_weight_sum"] == weight
+        assert log["recon"] == pytest.approx(recon.sum().item(), rel=1e-4)
+        assert log["length_loss"] == pytest.approx(length.sum().item(), rel=1e-4)
+        return kl
+
+    zero = torch.zeros(3, encoded(model, sample)[3].size(1), model.latent_dim)
+    check(0, 0.0, zero)  # pre-training: the posterior mean, no KL term
+    assert not model.prior_initialized
+    noise = fixed_noise(zero)
+    for update, weight in KL_WEIGHTS.items():  # the first ELBO update initialises the prior, then the terms hold
+        kl = check(update, weight, noise)
+        assert model.prior_initialized
+    assert kl.abs().min() > 1.0  # a KL term large enough for a wrong weight to show
+    model.eval()
+    check(None, 1.0, noise)  # validation: the ELBO itself

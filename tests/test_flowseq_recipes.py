@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(RECIPES, "common"))
 import nar_tools  # noqa: E402
 import sentencepiece  # noqa: E402,F401  (scripts/install.sh installs it: a missing one must fail, not skip)
 
+from fairseq_ext.testing import cli  # noqa: E402
+
 EN = "a man woman dog cat child runs sits plays with the ball in park on street red blue small big".split()
 DE = "ein Mann Frau Hund Katze Kind läuft sitzt spielt mit dem Ball im Park auf Straße rot blau klein groß".split()
 # Romanian with diacritics, some written with the legacy cedilla code points (\u015f, \u0163)
@@ -74,8 +76,10 @@ def env(**extra):
     return e
 
 
-def bash(*args, timeout=600, **extra_env):
-    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(**extra_env), timeout=timeout)
+def bash(*args, **extra_env):
+    # the timeout only catches a hang (see cli.HANG_TIMEOUT), never a slow machine
+    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(**extra_env),
+                          timeout=cli.HANG_TIMEOUT)  # fmt: skip
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -99,10 +103,14 @@ def multi30k(tmp_path_factory):
     make_multi30k(raw)
     rc, out = bash(script("multi30k", "prepare.sh"), raw, data, "--smoke")
     assert rc == 0, out[-3000:]
-    rc, out = bash(script("multi30k", "run.sh"), data, exp, "--methods", "flowseq", "--smoke")
+    log = str(root / "run.log")
+    cmd = ["bash", script("multi30k", "run.sh"), data, exp, "--methods", "flowseq", "--smoke"]
+    proc = cli.run_pipeline(cmd, log, env())
+    rc, out = cli.finish_pipeline(proc, log)  # fails only when the pipeline stops printing (a hang)
     return dict(rc=rc, out=out, data=data, exp=exp)
 
 
+@pytest.mark.slow
 def test_multi30k_flowseq_pipeline(multi30k):
     r = multi30k
     assert r["rc"] == 0, r["out"][-5000:]
@@ -167,6 +175,7 @@ def test_multi30k_flowseq_pipeline(multi30k):
     assert len(BLEU_LINE.findall(results)) == len(expected)
 
 
+@pytest.mark.slow
 def test_rerun_reuses_the_distillation_and_methods_select(multi30k):
     """A rerun of stage 2 reuses EXP_DIR/distill; --methods picks single models of the block."""
     r = multi30k
@@ -186,6 +195,7 @@ def test_rerun_reuses_the_distillation_and_methods_select(multi30k):
     assert rc != 0 and "npd5" in out and "multiple of FLOWSEQ_LENGTHS=2" in out
 
 
+@pytest.mark.slow
 def test_kd_model_without_distillation_names_the_step(multi30k, tmp_path):
     r = multi30k
     assert r["rc"] == 0
@@ -196,6 +206,7 @@ def test_kd_model_without_distillation_names_the_step(multi30k, tmp_path):
     assert rc != 0 and f"no binarised training data for flowseq_kd: {exp}/distill" in out and "--methods distill" in out
 
 
+@pytest.mark.slow
 def test_distill_script_refuses_reuses_and_forces(multi30k, tmp_path):
     r = multi30k
     assert r["rc"] == 0
@@ -299,6 +310,7 @@ def write_wmt16_mirror(base):
     return 43 + 30 - 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None and shutil.which("wget") is None, reason="needs curl or wget")
 def test_wmt16_prepare_from_archives_and_run_with_length_filter(tmp_path):
     n_train = write_wmt16_mirror(str(tmp_path / "mirror"))

@@ -11,6 +11,8 @@ from fairseq import checkpoint_utils
 from fairseq_ext.criterions.flowseq_loss import kl_weight
 from fairseq_ext.testing import cli
 
+pytestmark = pytest.mark.slow  # every test here runs fairseq-train or fairseq-generate
+
 INIT, HOLD, WARMUP, NAN_AT = 2, 1, 3, 6  # NAN_AT: the update count (0-based) whose loss is made NaN
 FLOWSEQ = [
     "--task", "translation_flowseq", "--arch", "flowseq_tiny", "--criterion", "flowseq_loss",

@@ -1,6 +1,7 @@
 """Criterion ``flowseq_loss``: the negative ELBO of FlowSeq plus its length loss.
 
-Ma et al., "FlowSeq", EMNLP 2019 (../shared/papers/002_*), eq. 8 and sections 3.5, 4.1:
+Ma, Zhou, Li, Neubig and Hovy, "FlowSeq: Non-Autoregressive Conditional Sequence Generation with
+Generative Flow", EMNLP 2019, eq. 8 and sections 3.5, 4.1:
 
     loss(y | x) = -log P(y | z, x) + w_KL * [log q(z | y, x) - log p(z | x)] - log P(|y| | x),
                   z ~ q(z | y, x)   (single sample; the mean over --flowseq-posterior-samples k)
@@ -42,6 +43,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 from torch import Tensor
 
+from fairseq_ext.modules.option_checks import check_label_smoothing
 from fairseq_ext.modules.update_count import UpdateCountReader
 
 
@@ -137,9 +139,8 @@ def unwrap_flowseq(model, who: str):
 class FlowSeqLossCriterion(FairseqCriterion):
     def __init__(self, task, cfg: FlowSeqLossConfig):
         super().__init__(task)
-        for name in ("label_smoothing", "flowseq_length_label_smoothing"):
-            if not 0.0 <= getattr(cfg, name) < 1.0:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+        check_label_smoothing(cfg.label_smoothing)
+        check_label_smoothing(cfg.flowseq_length_label_smoothing, "--flowseq-length-label-smoothing")
         for name in ("flowseq_init_updates", "flowseq_kl_hold_updates", "flowseq_kl_warmup_updates"):
             if getattr(cfg, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")

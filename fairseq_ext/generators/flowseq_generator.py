@@ -1,7 +1,7 @@
 """Decoding FlowSeq: argmax, sampling, noisy parallel decoding (NPD) and importance-weighted decoding (IWD).
 
-Ma et al. 2019, "FlowSeq: Non-Autoregressive Conditional Sequence Generation with Generative Flow"
-(../shared/papers/002_*), section 3.6 "Decoding Process" (the section numbered 3.4 in the issue).
+Ma et al. 2019, "FlowSeq: Non-Autoregressive Conditional Sequence Generation with Generative Flow",
+EMNLP 2019, section 3.6 "Decoding Process".
 Every mode works on *candidates*: the top ``l`` target lengths of the length predictor (§3.5) times ``r``
 latent samples per length, all flattened sentence-major into the batch dimension
 (``N = B*l*r``, candidate ``b*l*r + j*r + s`` is sentence b, length rank j, sample s) and padded to

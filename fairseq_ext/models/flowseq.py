@@ -1,7 +1,7 @@
 """Model ``flowseq``: FlowSeq, non-autoregressive generation with a generative-flow prior.
 
 Ma, Zhou, Li, Neubig and Hovy, "FlowSeq: Non-Autoregressive Conditional Sequence Generation
-with Generative Flow", EMNLP 2019 (../shared/papers/002_*), sections 3.1-3.5 and 4.1.
+with Generative Flow", EMNLP 2019, sections 3.1-3.5 and 4.1.
 
     P(y | x) = integral P(y | z, x) p(z | x) dz                      (eq. 3)
     P(y | z, x) = prod_t P(y_t | z, x)                                 (eq. 4, the decoder)
@@ -78,6 +78,11 @@ from torch import Tensor, nn
 logger = logging.getLogger(__name__)
 
 POSITIONS_CHOICES = ChoiceEnum(["attn", "attn_z_keys", "add"])
+WRONG_TASK = (
+    "a FlowSeq model is decoded by its own generator (argmax / sample / NPD / IWD), not by fairseq's "
+    "autoregressive SequenceGenerator or SequenceScorer: run fairseq-generate / fairseq-interactive with "
+    "--task translation_flowseq (e.g. --flowseq-decoding argmax)"
+)
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -411,8 +416,14 @@ class FlowSeqDecoder(nn.Module):
         else:
             nn.init.normal_(self.output_projection.weight, mean=0, std=dim**-0.5)
 
-    def forward(self, z: Tensor, mask: Tensor, src: Tensor, src_mask: Tensor) -> Tensor:
+    def forward(self, z: Tensor, mask: Optional[Tensor] = None, src: Optional[Tensor] = None,
+                src_mask: Optional[Tensor] = None, **kwargs) -> Tensor:  # fmt: skip
         """Logits B x T x V from z (B x T x F)."""
+        if mask is None or src is None or src_mask is None or kwargs:
+            # fairseq's SequenceGenerator (what --task translation builds) calls
+            # decoder.forward(prev_output_tokens, encoder_out=...): say which task decodes FlowSeq
+            called_with = ", ".join(sorted(kwargs)) or "no target mask or source"
+            raise ValueError(f"flowseq: its decoder was called as an autoregressive one ({called_with}); {WRONG_TASK}")
         h = self.project(z)  # B x T x D
         pos = self.embed_positions(_position_tokens(mask, self.padding_idx))  # B x T x D
         if self.positions_mode in ("attn", "attn_z_keys"):
@@ -654,7 +665,9 @@ class FlowSeqModel(BaseFairseqModel):
              "positions": B x T float mask of model positions}
         """
         if target is None:
-            raise ValueError("flowseq: forward needs the target (it trains on q(z | y, x)); use encode/decode to generate")
+            raise ValueError(
+                "flowseq: forward needs the target (it trains on q(z | y, x)); to score or generate, " + WRONG_TASK
+            )
         src, src_mask = self.encode(src_tokens, src_lengths)  # B x S x D, B x S
         tokens, mask = self.target_positions(target)  # B x T
         z, log_q = self.posterior(tokens, mask, src, src_mask, n_samples, random=random)  # (B*K) x T x F, (B*K)

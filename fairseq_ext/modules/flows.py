@@ -532,7 +532,7 @@ class FlowStep(nn.Module):
     """One step of flow (Figure 3 (a)): actnorm -> invertible multi-head linear -> affine coupling.
 
     Use :func:`step_layout` to get the alternating ``(head_layout, split, up)`` of the i-th step.
-    We follow the paper's Figure 3 (a) and the project brief; the reference's ``NMTFlowStep`` is
+    We follow Ma et al., FlowSeq, Figure 3 (a); the reference implementation's ``NMTFlowStep`` is
     richer (actnorm, linear A, a unit of 4-6 couplings, actnorm, linear B, another unit).
     """
 
