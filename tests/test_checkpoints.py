@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,25 +21,14 @@ import torch
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary
 
-from fairseq_ext.testing import cli, synthetic
+from fairseq_ext.testing import cli
+from fairseq_ext.testing.trained import MAX_TOKENS, VARIANTS, train_inner_updates
 
-MAX_TOKENS = "500"
-TRAIN_FLAGS = cli.TINY_TRANSFORMER + [
-    "--task", "translation", "--criterion", "parallel_ss", "--ss-prob", "0.5",
-    "--max-tokens", MAX_TOKENS, "--max-epoch", "2",
-]  # fmt: skip
-EVAL_BLEU = [
-    "--eval-bleu", "--eval-bleu-args", '{"beam":1}',
-    "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric",
-]  # fmt: skip
-VARIANTS = {"plain": [], "eval_bleu": EVAL_BLEU}
+# every test here runs fairseq's command-line tools on checkpoints trained through them
+pytestmark = pytest.mark.slow
 
 SENTENCES = ["w1 w2 w3 w4", "w7 w5 w9", "w3 w3 w12 w0 w8 w19"]
 SYMBOL = re.compile(r"^w\d+$")
-
-
-def train_inner_updates(log):
-    return [int(m.group(1)) for m in re.finditer(r"\| train_inner \|.*?num_updates=(\d+)", log)]
 
 
 def last_valid_loss(log):
@@ -65,28 +53,11 @@ def is_symbol_sequence(text):
     return all(SYMBOL.match(tok) for tok in text.split())
 
 
-def train_variant(variant, data_bin, save_dir):
-    flags = TRAIN_FLAGS + VARIANTS[variant]
-    log = cli.train(data_bin, save_dir, flags)
-    updates = train_inner_updates(log)
-    assert updates and updates == list(range(1, len(updates) + 1))
-    return SimpleNamespace(
-        variant=variant,
-        data_bin=data_bin,
-        save_dir=save_dir,
-        checkpoint=os.path.join(save_dir, "checkpoint_last.pt"),
-        flags=flags,
-        log=log,
-        num_updates=updates[-1],
-    )
-
-
 @pytest.fixture(scope="module")
-def checkpoints(reverse_data_bin, tmp_path_factory):
-    """Tiny transformers trained 2 epochs with --criterion parallel_ss: variant -> run."""
-    return {
-        v: train_variant(v, reverse_data_bin, str(tmp_path_factory.mktemp(f"ckpt_{v}"))) for v in sorted(VARIANTS)
-    }
+def checkpoints(reverse_checkpoints):
+    """Tiny transformers trained 2 epochs with --criterion parallel_ss (conftest.py): variant -> run."""
+    assert sorted(reverse_checkpoints) == sorted(VARIANTS)
+    return reverse_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +138,7 @@ def test_default_torch_load_fails_without_the_allowlist(checkpoints):
     paths = {v: run.checkpoint for v, run in checkpoints.items()}
     proc = subprocess.run(
         [sys.executable, "-c", NEGATIVE_CONTROL, *paths.values()],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=cli.HANG_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PLUGIN_IMPORTED False" in proc.stdout.splitlines()
@@ -249,7 +220,7 @@ HUB = textwrap.dedent(
 def test_hub_from_pretrained_translates_like_interactive(trained, interactive_hypotheses):
     proc = subprocess.run(
         [sys.executable, "-c", HUB, trained.save_dir, trained.data_bin, cli.USER_DIR, json.dumps(SENTENCES)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=cli.HANG_TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("HUB_RESULT ")]
@@ -267,10 +238,8 @@ LM_FLAGS = [
 ]  # fmt: skip
 
 
-def test_transformer_lm_checkpoint_through_eval_lm(tmp_path):
-    synthetic.write_monolingual(str(tmp_path / "raw"), sizes={"train": 200, "valid": 30, "test": 20})
-    cli.preprocess_lm(str(tmp_path / "raw"), str(tmp_path / "bin"))
-    data_bin, save_dir = str(tmp_path / "bin"), str(tmp_path / "ckpt")
+def test_transformer_lm_checkpoint_through_eval_lm(lm_data_bin, tmp_path):
+    data_bin, save_dir = lm_data_bin, str(tmp_path / "ckpt")
     cli.train(data_bin, save_dir, LM_FLAGS)
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     state = checkpoint_utils.load_checkpoint_to_cpu(checkpoint)
@@ -285,7 +254,7 @@ def test_transformer_lm_checkpoint_through_eval_lm(tmp_path):
     )  # fmt: skip
     m = re.search(r"Evaluated (\d+) tokens.*?Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", out, re.S)
     assert m, out[-3000:]
-    with open(tmp_path / "raw" / "test.txt") as f:
+    with open(os.path.join(os.path.dirname(data_bin), "raw", "test.txt")) as f:
         expected_tokens = sum(len(line.split()) + 1 for line in f)  # every word and end of sentence
     assert int(m.group(1)) == expected_tokens
     dictionary_size = len(Dictionary.load(os.path.join(data_bin, "dict.txt")))

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from fairseq_ext.testing import cli
 from fairseq_ext.testing.synthetic_tagging import write_conll_splits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,11 +17,16 @@ SIZES = {"train": 150, "valid": 17, "test": 13}  # odd sizes: a dropped sentence
 F1_LINE = re.compile(r"^F1 (\w+)/(valid|test)/(greedy|beam5) = (\d+\.\d+) ", re.M)
 
 
-def bash(*args, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DEVICE="cpu", PYTHON=sys.executable)
-    env.pop("SMOKE", None)
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env, timeout=timeout)
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", DEVICE="cpu", PYTHON=sys.executable)
+    e.pop("SMOKE", None)
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
+    return e
+
+
+def bash(*args):
+    # the timeout only catches a hang (see cli.HANG_TIMEOUT), never a slow machine
+    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(), timeout=cli.HANG_TIMEOUT)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -29,12 +35,13 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("conll2003")
     raw, data, exp = (str(root / d) for d in ("raw", "data", "exp"))
     write_conll_splits(raw, SIZES, scheme="bio", seed=5)
-    rc, out = bash(PREPARE, raw, data, "--smoke")
-    assert rc == 0, out[-3000:]
-    rc2, out2 = bash(RUN, data, exp, "--smoke", "--methods", ",".join(METHODS))
-    return dict(rc=rc2, out=out + out2, raw=raw, data=data, exp=exp)
+    log = str(root / "pipeline.log")
+    cmd = f"bash {PREPARE} {raw} {data} --smoke && bash {RUN} {data} {exp} --smoke --methods {','.join(METHODS)}"
+    rc, out = cli.finish_pipeline(cli.run_pipeline(["bash", "-c", cmd], log, env=env()), log)  # fails only on a hang
+    return dict(rc=rc, out=out, raw=raw, data=data, exp=exp)
 
 
+@pytest.mark.slow
 def test_smoke_pipeline_trains_decodes_and_scores(pipeline):
     assert pipeline["rc"] == 0, pipeline["out"][-5000:]
     out, data, exp = pipeline["out"], pipeline["data"], pipeline["exp"]
@@ -65,6 +72,7 @@ def test_smoke_pipeline_trains_decodes_and_scores(pipeline):
         assert f.read().startswith(f"processed {sum(lengths)} tokens with ")
 
 
+@pytest.mark.slow  # prepare.sh starts several Python processes before it reaches the bad line
 def test_prepare_refuses_a_malformed_line_and_names_it(tmp_path):
     raw = tmp_path / "raw"
     write_conll_splits(str(raw), {"train": 20, "valid": 5, "test": 5}, seed=2)
@@ -76,6 +84,7 @@ def test_prepare_refuses_a_malformed_line_and_names_it(tmp_path):
     assert rc != 0 and f"valid.txt:{bad + 1}" in out.replace(", line ", ":"), out[-2000:]
 
 
+@pytest.mark.slow
 def test_prepare_refuses_options_it_would_ignore_and_existing_output(tmp_path, pipeline):
     rc, out = bash(PREPARE, pipeline["raw"], str(tmp_path / "out"), "--vocab-size", "8000")
     assert rc != 0 and "--vocab-size" in out

@@ -1,28 +1,28 @@
 """fairseq-train --user-dir with each criterion, then fairseq-generate / fairseq-eval-lm, as a user runs them."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
-from fairseq_ext.testing import cli, synthetic
+from fairseq_ext.testing import cli
+
+# every test here runs fairseq's command-line tools
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def translation_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    raw = synthetic.write_parallel(str(root / "raw"), task="reverse", vocab=10, min_len=3, max_len=9,
-                                   sizes={"train": 400, "valid": 40, "test": 37})  # fmt: skip
-    cli.preprocess(raw, str(root / "bin"))
-    return str(root / "bin")
+def translation_data(reverse_data_bin):
+    """The session's reverse task (conftest.py): 200 training pairs, 4 updates per epoch at
+    --max-tokens 500, so 2 epochs cover the 2 warm-up and 3 ramp updates below; 20 test sentences
+    (not a multiple of 8, so a dropped batch tail would show)."""
+    return reverse_data_bin
 
 
 @pytest.fixture(scope="module")
-def lm_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e_lm")
-    raw = synthetic.write_monolingual(str(root / "raw"), vocab=10, min_len=2, max_len=6,
-                                      sizes={"train": 300, "valid": 30, "test": 30})  # fmt: skip
-    cli.preprocess_lm(raw, str(root / "bin"))
-    return str(root / "bin")
+def lm_data(lm_data_bin):
+    return lm_data_bin
 
 
 def logged(log, key):
@@ -68,7 +68,7 @@ def test_train_then_generate(translation_data, tmp_path, arch_flags, criterion_f
         alphas = logged(log, "dss_alpha")
         assert alphas and (alphas[-1] > alphas[0] if "exponential" in criterion_flags else set(alphas) == {5.0})
     out = cli.generate(translation_data, os.path.join(save, "checkpoint_last.pt"), ["--beam", "2"])
-    assert len(cli.hypotheses(out)) == 37  # every test sentence (37: not a multiple of 8)
+    assert len(cli.hypotheses(out)) == cli.count_lines(translation_data, "test") == 20  # every test sentence
 
 
 def test_language_model_trains_with_parallel_ss_and_evaluates(lm_data, tmp_path):
@@ -107,10 +107,8 @@ def test_model_it_cannot_drive_fails_before_the_first_update(translation_data, t
 
 
 def test_user_dir_as_a_relative_path_and_from_the_installed_package(translation_data, tmp_path):
-    import subprocess
-    import sys
-
-    printed = subprocess.run([sys.executable, "-m", "fairseq_ext"], capture_output=True, text=True, check=True)
+    printed = subprocess.run([sys.executable, "-m", "fairseq_ext"], capture_output=True, text=True, check=True,
+                             timeout=cli.HANG_TIMEOUT)  # fmt: skip
     assert printed.stdout.strip() == cli.USER_DIR
     repo_root = os.path.dirname(cli.USER_DIR)
     out = cli.run_cli("fairseq-train", [translation_data, "--user-dir", "fairseq_ext", "--save-dir", str(tmp_path / "rel"),

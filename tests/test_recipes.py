@@ -10,11 +10,15 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
+
+from fairseq_ext.testing import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(REPO, "recipes")
@@ -67,8 +71,9 @@ def env():
     return e
 
 
-def bash(*args, timeout=300):
-    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(), timeout=timeout)
+def bash(*args):
+    # the timeout only catches a hang (see cli.HANG_TIMEOUT), never a slow machine
+    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(), timeout=cli.HANG_TIMEOUT)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -96,14 +101,12 @@ def pipelines(tmp_path_factory):
             f"bash {script(recipe, 'prepare.sh')} {' '.join(prep_args(raw, data))} --smoke"
             f" && bash {script(recipe, 'run.sh')} {data} {exp} --smoke"
         )
-        log = open(root / f"{recipe}.log", "w+", encoding="utf-8")
-        procs[recipe] = (subprocess.Popen(["bash", "-c", cmd], stdout=log, stderr=subprocess.STDOUT, env=env()), log)
+        log = str(root / f"{recipe}.log")
+        procs[recipe] = (cli.run_pipeline(["bash", "-c", cmd], log, env=env()), log)
     results = {}
     for recipe, (proc, log) in procs.items():
-        rc = proc.wait(timeout=600)
-        log.seek(0)
-        results[recipe] = dict(rc=rc, out=log.read(), data=str(root / recipe / "data"), exp=str(root / recipe / "exp"))
-        log.close()
+        rc, out = cli.finish_pipeline(proc, log)  # fails only when a pipeline stops printing (a hang)
+        results[recipe] = dict(rc=rc, out=out, data=str(root / recipe / "data"), exp=str(root / recipe / "exp"))
     return results
 
 
@@ -115,6 +118,7 @@ CRITERION = {"baseline": "label_smoothed_cross_entropy", "parallel_ss": "paralle
              "dss_greedy": "differentiable_ss", "dss_sample": "differentiable_ss"}  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RECIPE_ARGS))
 def test_smoke_pipeline(pipelines, recipe):
     r = pipelines[recipe]
@@ -157,6 +161,7 @@ def test_smoke_pipeline(pipelines, recipe):
     assert f"raw reference {r['data']}/raw/test.{tgt}" in out
 
 
+@pytest.mark.slow
 def test_run_selects_stages(pipelines):
     """--stage 4 --stop-stage 4 only scores the existing hypotheses."""
     r = pipelines["multi30k"]
@@ -167,6 +172,7 @@ def test_run_selects_stages(pipelines):
     assert len(BLEU_LINE.findall(out)) == 4
 
 
+@pytest.mark.slow
 def test_run_selects_methods(pipelines):
     """--methods narrows stages 2-4 to the named methods (plus the baseline); an unknown name fails."""
     r = pipelines["iwslt14_de_en"]
@@ -179,6 +185,7 @@ def test_run_selects_methods(pipelines):
     assert rc != 0 and "--methods: unknown method 'dss_argmax'" in out and "dss_greedy" in out
 
 
+@pytest.mark.slow
 def test_prepare_force_keeps_user_files(pipelines):
     """--force rebuilds the recipe's own outputs; a file the user put there survives."""
     r = pipelines["multi30k"]
@@ -279,6 +286,7 @@ def write_release(directory):
     return archive
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None and shutil.which("wget") is None, reason="needs curl or wget")
 def test_iwslt14_prepare_from_release_archive(tmp_path, monkeypatch):
     archive = write_release(str(tmp_path / "mirror"))
@@ -340,6 +348,7 @@ def write_wmt14_mirror(base):
                                 "test-full/newstest2014-deen-ref.de.sgm": sgm(test, "de")})  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None and shutil.which("wget") is None, reason="needs curl or wget")
 def test_wmt14_prepare_from_release_archives(tmp_path, monkeypatch):
     write_wmt14_mirror(str(tmp_path / "mirror"))
@@ -354,3 +363,37 @@ def test_wmt14_prepare_from_release_archives(tmp_path, monkeypatch):
     assert not any("<seg" in ln for ln in lines("test.en") + lines("test.de"))
     assert "kept 59 pairs, dropped 1" in out
     assert (out_dir / "bin" / "test.en-de.de.bin").exists()
+
+
+# -- the pipeline runner the recipe tests use: a slow pipeline is waited for, a silent one is ended ----
+
+
+def test_pipeline_runner_waits_for_a_slow_pipeline_that_keeps_printing(tmp_path):
+    log = str(tmp_path / "slow.log")
+    # 3 s in all, longer than the stall limit, but never silent for more than 0.05 s (a 40x margin)
+    proc = cli.run_pipeline(["bash", "-c", "for i in $(seq 60); do echo line $i; sleep 0.05; done"], log)
+    rc, out = cli.finish_pipeline(proc, log, stall_timeout=2)
+    assert rc == 0 and out.splitlines() == [f"line {i}" for i in range(1, 61)], out[-500:]
+
+
+def test_pipeline_runner_ends_a_silent_pipeline_with_its_children(tmp_path):
+    log = str(tmp_path / "hung.log")
+    # bash waits on a silent child: the child must go too, or it would outlive the test
+    proc = cli.run_pipeline(["bash", "-c", "echo started; sleep 30; echo finished"], log)
+    try:
+        rc, out = cli.finish_pipeline(proc, log, stall_timeout=1)
+        assert rc < 0 and out.startswith("started\n") and "finished" not in out
+        assert "no output for 1 s: killed as hung" in out
+        for _ in range(100):  # a killed child is gone at once; 10 s (well below its 30 s) only catch a survivor
+            try:
+                os.killpg(proc.pid, 0)  # signal 0: is anyone of the process group still there?
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the silent pipeline's child survived it")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever this test started, if something survived
+        except ProcessLookupError:
+            pass

@@ -18,6 +18,9 @@ from fairseq import checkpoint_utils
 from fairseq_ext.modules.schedules import MixingSchedule
 from fairseq_ext.testing import cli
 
+# every test here runs fairseq-train, most of them several times or on 2 gloo workers
+pytestmark = pytest.mark.slow
+
 COMMON = cli.TINY_TRANSFORMER + [
     "--task", "translation", "--dropout", "0", "--max-tokens", "500", "--update-epoch-batch-itr", "True",
 ]  # fmt: skip
@@ -101,7 +104,7 @@ def train_args(data_bin, save_dir, flags):
     return cli.train_args(data_bin, save_dir, flags)
 
 
-def train_distributed(data_bin, save_dir, flags, workdir, world_size=2, timeout=600):
+def train_distributed(data_bin, save_dir, flags, workdir, world_size=2, timeout=cli.HANG_TIMEOUT):
     """fairseq-train on ``world_size`` gloo workers (fairseq_ext.testing.cli.train_distributed): rank 0's log."""
     return cli.train_distributed(data_bin, save_dir, flags, workdir, world_size, timeout)[0]
 

@@ -1,4 +1,4 @@
-"""The soft beam search recipes (issue 4), run as a user would, in smoke mode on tiny data made here.
+"""The soft beam search recipes, run as a user would, in smoke mode on tiny data made here.
 
 * recipes/conll2003 NER: the cross-entropy baseline, the self-normalized model, soft beam search
   with local normalization warm-started from the baseline and with global normalization
@@ -21,6 +21,7 @@ import sys
 
 import pytest
 
+from fairseq_ext.testing import cli
 from fairseq_ext.testing.synthetic_tagging import write_conll_splits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +56,9 @@ def env(**extra):
     return e
 
 
-def bash(*args, timeout=600, **extra):
-    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(**extra), timeout=timeout)
+def bash(*args, **extra):
+    # the timeout only catches a hang (see cli.HANG_TIMEOUT), never a slow machine
+    proc = subprocess.run(["bash", *args], capture_output=True, text=True, env=env(**extra), timeout=cli.HANG_TIMEOUT)
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -150,14 +152,12 @@ def pipelines(request, tmp_path_factory):
     for name, cmd in cmds.items():
         if name not in wanted:
             continue
-        log = open(root / f"{name}.log", "w+", encoding="utf-8")
-        procs[name] = (subprocess.Popen(["bash", "-c", cmd], stdout=log, stderr=subprocess.STDOUT, env=env()), log)
+        log = str(root / f"{name}.log")
+        procs[name] = (cli.run_pipeline(["bash", "-c", cmd], log, env=env()), log)
     results = {}
     for name, (proc, log) in procs.items():
-        rc = proc.wait(timeout=1200)
-        log.seek(0)
-        results[name] = dict(rc=rc, out=log.read(), **d[name])
-        log.close()
+        rc, out = cli.finish_pipeline(proc, log)  # fails only when a pipeline stops printing (a hang)
+        results[name] = dict(rc=rc, out=out, **d[name])
     results["ccg_test"] = ccg_test
     results["root"] = root
     return results
@@ -207,11 +207,14 @@ def check_soft_beam_training(exp, method, init, normalization, objective):
     return cmd
 
 
+@pytest.mark.slow
 def test_ner_soft_beam_pipeline(pipelines):
     r = pipelines["ner"]
     out, exp = check_tagging_pipeline(r, NER_METHODS, NER_DECODES, ("test",), F1_LINE)
     local = check_soft_beam_training(exp, "sb_direct_annealed", "baseline", "local", "direct")
-    assert "--soft-beam-cost-weights O:2 " in local  # NER: a wrong O costs twice (thesis 4.5.1)
+    # NER: a wrong O costs twice (Goyal, Characterizing and Overcoming the Limitations of Neural
+    # Autoregressive Models, PhD thesis, section 4.5.1)
+    assert "--soft-beam-cost-weights O:2 " in local
     assert "--soft-beam-alpha-schedule exponential " in local and "--soft-beam-size 3 " in local
     check_soft_beam_training(exp, "sb_global_direct_annealed", "selfnorm", "global", "direct")
     assert "--criterion self_normalized_cross_entropy " in read(os.path.join(exp, "selfnorm", "train.cmd"))
@@ -224,6 +227,7 @@ def test_ner_soft_beam_pipeline(pipelines):
     assert logz == {(m, s) for m in ("baseline",) + NER_METHODS for s in ("train", "valid")}
 
 
+@pytest.mark.slow
 def test_pos_column_reports_tag_accuracy_only(pipelines):
     r = pipelines["pos"]
     out, exp = check_tagging_pipeline(r, POS_METHODS, POS_DECODES, ("valid", "test"), ACC_LINE)
@@ -234,6 +238,7 @@ def test_pos_column_reports_tag_accuracy_only(pipelines):
     assert "--scoring tag_accuracy " in read(os.path.join(exp, "baseline", "test.greedy.cmd"))
 
 
+@pytest.mark.slow
 def test_ccgbank_prepare_and_pipeline(pipelines):
     r = pipelines["ccg"]
     out, exp = check_tagging_pipeline(r, CCG_METHODS, CCG_DECODES, ("test",), ACC_LINE)
@@ -261,6 +266,7 @@ def test_ccgbank_prepare_names_a_missing_copy(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_iwslt14_soft_beam_pipeline(pipelines):
     r = pipelines["mt"]
     assert r["rc"] == 0, r["out"][-5000:]
@@ -285,6 +291,7 @@ def test_iwslt14_soft_beam_pipeline(pipelines):
         assert "--soft-beam-length free " in cmd
 
 
+@pytest.mark.slow
 def test_warm_start_needs_its_initialiser_and_unknown_methods_fail(pipelines, tmp_path):
     r = pipelines["ner"]
     assert r["rc"] == 0
@@ -297,6 +304,7 @@ def test_warm_start_needs_its_initialiser_and_unknown_methods_fail(pipelines, tm
     assert rc != 0 and "unknown method 'sb_direct_sometimes'" in out and "sb_hinge_annealed" in out
 
 
+@pytest.mark.slow
 def test_rerun_resumes_instead_of_restarting_from_the_initialiser(pipelines):
     r = pipelines["ner"]
     assert r["rc"] == 0

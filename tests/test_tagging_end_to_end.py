@@ -6,37 +6,25 @@ import re
 import pytest
 from fairseq import options, tasks
 
-from fairseq_ext.data.conll import convert
 from fairseq_ext.testing import cli, synthetic_tagging
+from fairseq_ext.testing.trained import TAGGER_EPOCHS, TAGGING_SIZES as SIZES
 
-SIZES = {"train": 700, "valid": 60, "test": 53}  # 53: not a multiple of any batch size
-
-
-@pytest.fixture(scope="module")
-def tagging_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tagging")
-    conll = synthetic_tagging.write_conll_splits(str(root / "conll"), SIZES, scheme="iob1")
-    for split, path in conll.items():
-        convert(path, str(root / "text" / split), tag_column=3, to_scheme="bio")
-    synthetic_tagging.preprocess_tagging(str(root / "text"), str(root / "bin"))
-    return root
+# every test here runs fairseq's command-line tools
+pytestmark = pytest.mark.slow
 
 
-def test_train_then_generate_one_label_per_word_with_high_span_f1(tagging_data, tmp_path):
-    data_bin, save = str(tagging_data / "bin"), str(tmp_path / "ckpt")
-    log = cli.train(data_bin, save, [
-        "--task", "tagging", "--arch", "seq2seq_tagger_ner", "--dropout", "0.1",
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-        "--lr", "0.01", "--max-tokens", "150", "--max-epoch", "8", "--log-interval", "50",
-        "--eval-tagging", "--best-checkpoint-metric", "span_f1", "--maximize-best-checkpoint-metric",
-    ])  # fmt: skip
+def test_train_then_generate_one_label_per_word_with_high_span_f1(tagging_run):
+    # the run (conftest.py): IOB1 CoNLL files converted to BIO, binarised, a tagger trained with
+    # --eval-tagging and span F1 as the best-checkpoint metric
+    data_bin, log = tagging_run.data_bin, tagging_run.log
     updates = [int(m) for m in re.findall(r"num_updates (\d+)", log)]
     assert updates and updates[-1] >= 200, log[-3000:]
     valid_f1 = [float(m) for m in re.findall(r"\| valid on 'valid' subset \|.*?\| span_f1 ([\d.]+)", log)]
-    assert len(valid_f1) == 8 and valid_f1[-1] > 90, log[-3000:]
+    assert len(valid_f1) == TAGGER_EPOCHS and valid_f1[-1] > 90, log[-3000:]
     assert re.search(r"best_span_f1 [\d.]+", log) and "tag_accuracy" in log
 
-    best = os.path.join(save, "checkpoint_best.pt")
+    best = tagging_run.checkpoint
+    assert os.path.basename(best) == "checkpoint_best.pt"
     out = cli.generate(data_bin, best, ["--task", "tagging", "--scoring", "span_f1"])
     sources = {int(m.group(1)): m.group(2) for m in re.finditer(r"^S-(\d+)\t(.*)$", out, re.M)}
     hyps = cli.hypotheses(out)
@@ -55,16 +43,18 @@ def test_train_then_generate_one_label_per_word_with_high_span_f1(tagging_data, 
     assert float(re.search(r"tag accuracy:\s+([\d.]+)%", out).group(1)) > 95
 
 
-def test_loading_a_misaligned_split_names_the_path_split_and_line(tagging_data, tmp_path):
+def test_loading_a_misaligned_split_names_the_path_split_and_line(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "valid.words").write_text("Per1 w2\nw3\nw4 Loc1 w5\nw6\n")
     (raw / "valid.tags").write_text("B-PER O\nO\nO B-LOC\nO\n")  # line 3: 3 words, 2 tags
+    # fairseq dictionaries (symbol count) of exactly these words and labels: no training data needed
+    (raw / "dict.words.txt").write_text("".join(f"{w} 1\n" for w in "Per1 w2 w3 w4 Loc1 w5 w6".split()))
+    (raw / "dict.tags.txt").write_text("".join(f"{t} 1\n" for t in "O B-PER B-LOC".split()))
     bin_dir = str(tmp_path / "bin")
     cli.run_cli("fairseq-preprocess", [
         "--source-lang", "words", "--target-lang", "tags", "--validpref", str(raw / "valid"), "--destdir", bin_dir,
-        "--srcdict", str(tagging_data / "bin" / "dict.words.txt"),
-        "--tgtdict", str(tagging_data / "bin" / "dict.tags.txt"),
+        "--srcdict", str(raw / "dict.words.txt"), "--tgtdict", str(raw / "dict.tags.txt"),
         "--workers", "1",
     ])  # fmt: skip
     args = options.parse_args_and_arch(options.get_training_parser(), [

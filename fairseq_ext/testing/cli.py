@@ -8,6 +8,7 @@ and :func:`check_all_hypotheses` verifies that every input got a hypothesis.
 """
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,15 @@ USER_DIR = os.path.dirname(os.path.abspath(fairseq_ext.__file__))
 
 # One thread per process keeps 2-core machines responsive when tests run tools side by side.
 _ENV_DEFAULTS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+# Subprocess limits only catch hangs; they never judge speed.  The slowest single tool call in the
+# tests takes about a minute on an idle 2-core machine and a few minutes under load, so an hour is
+# far above any real run.
+HANG_TIMEOUT = 3600.0
+# For long pipelines that log as they go (recipes): a run is declared hung only after this many
+# seconds without a new byte of output (every phase prints a line; the longest silent step, one
+# smoke training, takes well under a minute idle).
+STALL_TIMEOUT = 1800.0
 
 
 class CliError(RuntimeError):
@@ -44,7 +54,7 @@ def run_cli(
     args: Sequence[str],
     env: Optional[Dict[str, str]] = None,
     stdin: Optional[str] = None,
-    timeout: float = 1200,
+    timeout: float = HANG_TIMEOUT,
     check: bool = True,
     cwd: Optional[str] = None,
 ) -> str:
@@ -94,7 +104,7 @@ def train(data_bin: str, save_dir: str, flags: Sequence[str], env: Optional[Dict
         data_bin, "--save-dir", save_dir, "--cpu", "--seed", "1",
         "--optimizer", "adam", "--lr", "0.005", "--max-tokens", "2000",
         "--no-progress-bar", "--log-format", "simple", "--log-interval", "1",
-        "--required-batch-size-multiple", "1",  # fairseq drops the tail of the last batch otherwise (issue 5036)
+        "--required-batch-size-multiple", "1",  # else fairseq drops the last batch's tail (fairseq issue 5036)
         "--num-workers", "0", "--no-epoch-checkpoints",
         *flags,
     ]  # fmt: skip
@@ -168,7 +178,7 @@ def train_args(data_bin: str, save_dir: str, flags: Sequence[str]) -> List[str]:
 
 
 def train_distributed(data_bin: str, save_dir: str, flags: Sequence[str], workdir: str, world_size: int = 2,
-                      timeout: float = 600, info_loggers: Sequence[str] = ()) -> List[str]:  # fmt: skip
+                      timeout: float = HANG_TIMEOUT, info_loggers: Sequence[str] = ()) -> List[str]:  # fmt: skip
     """fairseq-train with one manually launched process per rank (gloo, legacy_ddp, CPU): every rank's log.
 
     fairseq lowers the log level of every rank but 0 to WARNING; ``info_loggers`` keep INFO on all ranks.
@@ -207,3 +217,42 @@ def train_distributed(data_bin: str, save_dir: str, flags: Sequence[str], workdi
             + "; ".join(f"rank {r} rc={p.returncode}:\n{logs[r][-3000:]}" for r, p in enumerate(procs))
         )
     return logs
+
+
+def wait_for_pipeline(proc: subprocess.Popen, log_path: str, stall_timeout: float = STALL_TIMEOUT) -> int:
+    """Waits for ``proc`` (writing its output to ``log_path``); returns its exit code.
+
+    A slow machine never fails this: the process is killed (and the code returned is negative) only
+    when ``log_path`` has not grown for ``stall_timeout`` seconds, i.e. when it looks hung.
+    """
+    last_size, last_change = -1, time.monotonic()
+    while proc.poll() is None:
+        size = os.path.getsize(log_path) if os.path.exists(log_path) else 0
+        now = time.monotonic()
+        if size != last_size:
+            last_size, last_change = size, now
+        elif now - last_change > stall_timeout:
+            # the whole process group: a pipeline's tools are grandchildren of the shell we started
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            break
+        time.sleep(1.0)
+    return proc.wait()
+
+
+def run_pipeline(cmd: Sequence[str], log_path: str, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """Starts ``cmd`` with stdout and stderr going to ``log_path``; finish it with :func:`finish_pipeline`."""
+    with open(log_path, "w", encoding="utf-8") as log:
+        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def finish_pipeline(proc: subprocess.Popen, log_path: str, stall_timeout: float = STALL_TIMEOUT):
+    """(exit code, output) of a process started by :func:`run_pipeline`, waiting as :func:`wait_for_pipeline`."""
+    rc = wait_for_pipeline(proc, log_path, stall_timeout)
+    with open(log_path, encoding="utf-8") as f:
+        out = f.read()
+    if rc < 0:
+        out += f"\n[no output for {stall_timeout:.0f} s: killed as hung]\n"
+    return rc, out
