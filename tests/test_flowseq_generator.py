@@ -27,7 +27,7 @@ from fairseq_ext.generators.flowseq_generator import (
     strip_eos_padding,
     validate_generation_config,
 )
-from fairseq_ext.testing import cli
+from fairseq_ext.testing import cli, tiny
 
 NUM_WORDS = 8  # w0 .. w7
 SPECIAL_TOKEN = 7  # w7: the token the latent z can switch on (so that samples differ)
@@ -595,7 +595,6 @@ def test_missing_teacher_checkpoint_is_named(tmp_path):
 @functools.lru_cache(maxsize=None)
 def dictionary_dir(num_symbols):
     """One data directory (only the dictionaries: nothing else is read) per vocabulary size."""
-    from fairseq_ext.testing import tiny
 
     data_dir = tempfile.mkdtemp(prefix="flowseq_generator_test_")
     tiny.write_dictionary(data_dir, num_symbols)
@@ -622,7 +621,6 @@ REAL_PAIRS = [([1, 2, 3], [3, 2, 1]), ([4, 5, 6, 7, 8, 1, 2], [2, 1, 8, 7, 6, 5,
 
 
 def real_batch(task, pairs):
-    from fairseq_ext.testing import tiny
 
     return tiny.translation_batch(task, pairs, given_order=True)
 
@@ -644,7 +642,6 @@ def test_real_model_npd_teacher_scores_match_fairseqs_sequence_scorer():
     from fairseq.data import data_utils
     from fairseq.sequence_scorer import SequenceScorer
 
-    from fairseq_ext.testing import tiny
 
     task, model, _ = build_real_flowseq()
     _, teacher, _ = tiny.build("transformer", ["--criterion", "cross_entropy"], num_symbols=10)
@@ -672,15 +669,6 @@ def test_real_model_npd_teacher_scores_match_fairseqs_sequence_scorer():
             assert torch.allclose(h["positional_scores"], ref[0]["positional_scores"], atol=1e-4)
         totals = [h["positional_scores"].sum().item() for h in sentence]
         assert totals == sorted(totals, reverse=True)  # ranked by the teacher's summed log-likelihood
-
-
-def perturb_posterior(model, seed=3):
-    """Moves q(z|y,x) off its zero-initialised N(0, I) start (mu and log sigma^2 then vary with y and t)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head, std in ((model.posterior_net.mu, 0.3), (model.posterior_net.logvar, 0.2)):
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
-            head.bias.copy_(torch.randn(head.bias.shape, generator=g) * std)
 
 
 @pytest.mark.parametrize("temperature", [0.3, 2.0])
@@ -717,7 +705,7 @@ def test_real_model_iwd_scores_are_the_papers_estimate_from_k_random_posterior_d
     (distinct, standardised residuals N(0, 1)), and each hypothesis's score is
     [log (1/K) sum_k P(y|z_k,x) p(z_k|x) / q(z_k|y,x) + log P(len|x)] / len, recomputed here from the draws."""
     task, model, _ = build_real_flowseq()
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     draws = []
     original = model.posterior
 
@@ -774,7 +762,6 @@ def test_decoding_under_the_translation_task_names_the_flowseq_task():
     from fairseq.sequence_generator import SequenceGenerator
     from fairseq.sequence_scorer import SequenceScorer
 
-    from fairseq_ext.testing import tiny
 
     data_dir = dictionary_dir(10)
     task, model, _ = tiny.build("flowseq_tiny", ["--criterion", "flowseq_loss"], num_symbols=10, data_dir=data_dir)

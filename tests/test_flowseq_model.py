@@ -192,17 +192,9 @@ def test_posterior_starts_as_a_standard_normal():
     assert z[~m.bool()].abs().max().item() == 0.0  # padded positions are zero
 
 
-def perturb_posterior(model, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for head, std in ((model.posterior_net.mu, 0.3), (model.posterior_net.logvar, 0.2)):
-            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
-            head.bias.copy_(torch.randn(head.bias.shape, generator=g) * std)
-
-
 def test_posterior_samples_are_sentence_major_and_log_q_is_their_gaussian_density():
     task, model, _ = build()
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     model.eval()
     src, src_mask, tokens, mask = encoded(model, batch(task))
     mu, logvar = model.posterior_params(tokens, mask, src, src_mask)  # B x T x F
@@ -223,7 +215,7 @@ def test_posterior_samples_are_sentence_major_and_log_q_is_their_gaussian_densit
 def test_kl_term_matches_the_closed_form_by_monte_carlo():
     """With a N(0, I) prior, the mean over k samples of log q - log p tends to the closed-form KL."""
     task, model, criterion = build(["--flowseq-posterior-samples", "3000", "--flowseq-init-updates", "0"])
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     model.prior = StandardNormalPrior()
     model.prior_initialized_flag.fill_(1)
     model.eval()
@@ -242,7 +234,7 @@ def test_kl_term_matches_the_closed_form_by_monte_carlo():
 
 def test_kl_term_with_the_flow_prior_equals_an_independent_monte_carlo_average():
     task, model, criterion = build(["--flowseq-posterior-samples", "64", "--flowseq-init-updates", "0"])
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     model.eval()
     sample = batch(task)
     src, src_mask, tokens, mask = encoded(model, sample)
@@ -276,7 +268,7 @@ def test_loss_of_a_sentence_alone_equals_its_loss_in_a_padded_batch(monkeypatch,
     monkeypatch.setattr(flowseq_module, "standard_normal_like", fixed_noise)
     flags = ["--flowseq-init-updates", "5" if phase == "pretraining" else "0", "--flowseq-kl-warmup-updates", "0"]
     task, model, criterion = build(flags)
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     model.train()  # the tiny model has no dropout
     criterion.set_num_updates(0)
     full = batch(task)
@@ -474,7 +466,7 @@ def test_posterior_is_not_causal():
     """q(z_t | y, x) depends on every target token (eq. 9; the posterior's layers have no causal mask):
     changing the LAST token moves mu and sigma at position 0, changing the first moves the last."""
     task, model, _ = build()
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     model.eval()
     sample = batch(task, [([1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1])])
     src, src_mask, tokens, mask = encoded(model, sample)
@@ -525,7 +517,7 @@ def test_loss_is_recon_plus_weighted_kl_plus_length_and_the_weight_reaches_one(m
                                     "--flowseq-kl-warmup-updates", str(WARMUP), "--label-smoothing", str(ls),
                                     "--flowseq-length-label-smoothing", str(length_ls),
                                     "--flowseq-length-loss-weight", str(length_weight)])  # fmt: skip
-    perturb_posterior(model)
+    tiny.perturb_flowseq_posterior(model)
     model.train()  # flowseq_tiny has no dropout: train mode is deterministic
     sample = batch(task)
 

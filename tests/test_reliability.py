@@ -263,7 +263,7 @@ def test_prepare_counts_lines_as_the_tools_do(tmp_path):
     lines[6] = lines[6].replace(b" of ", b"\rof ")
     (raw / "val.de").write_bytes(b"\n".join(lines))
     rc, log = bash(os.path.join(RECIPES, "multi30k", "prepare.sh"), str(raw), str(tmp_path / "out"), "--smoke")
-    assert rc != 0 and f"{raw}/val.de line 7: a carriage return" in log, log
+    assert rc != 0 and f"{raw}/val.de:7: a carriage return" in log, log
     assert not (tmp_path / "out").exists()
 
 
@@ -273,7 +273,7 @@ def test_prepare_non_utf8_input_writes_nothing(tmp_path):
     with open(paths["test"], "ab") as f:
         f.write("Caf\xe9 NN O O\n".encode("latin-1"))
     rc, log = bash(os.path.join(RECIPES, "conll2003", "prepare.sh"), str(raw), str(tmp_path / "out"))
-    assert rc != 0 and f"{paths['test']} line" in log and "not UTF-8" in log, log
+    assert rc != 0 and f"{paths['test']}:" in log and "not UTF-8" in log, log
     assert not (tmp_path / "out").exists()
 
 

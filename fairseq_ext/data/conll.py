@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
+from fairseq_ext.data import text_lines
 from fairseq_ext.scoring.span_f1 import OUTSIDE, split_tag, start_of_chunk
 
 DOCSTART = "-DOCSTART-"
@@ -46,28 +47,13 @@ class OverwriteError(ValueError):
 
 
 def read_text_lines(path: str):
-    """Yields (1-based line number, line without its end) of a UTF-8 text file, refusing with a
-    ConllFormatError that names the file and line: bytes that are not UTF-8, and a carriage return
-    inside a line (Python's text files and fairseq-preprocess start a new line there, ``wc -l`` does
-    not, so the tools would disagree on the line count).  ``\\n`` and ``\\r\\n`` end lines."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            body = raw[:-1] if raw.endswith(b"\n") else raw
-            if body.endswith(b"\r"):
-                body = body[:-1]
-            try:
-                line = body.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ConllFormatError(
-                    f"{path}:{number}: not UTF-8 (byte {body[err.start:err.start + 1]!r} at byte {err.start + 1} of the "
-                    "line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
-            if "\r" in line:
-                raise ConllFormatError(
-                    f"{path}:{number}: a carriage return (\\r) inside the line at column {line.index(chr(13)) + 1}; "
-                    "Python and fairseq-preprocess would split the line there: remove it (e.g. tr -d '\\r')"
-                )
-            yield number, line
+    """Yields (1-based line number, line) of a UTF-8 text file (see fairseq_ext/data/text_lines.py),
+    refusing undecodable bytes and a carriage return inside a line with a ConllFormatError naming the
+    file and line."""
+    try:
+        yield from text_lines.read_text_lines(path)
+    except text_lines.TextLineError as err:
+        raise ConllFormatError(str(err)) from None
 
 
 @dataclass

@@ -135,3 +135,13 @@ def assert_batching_invariance(criterion, model, task, pairs, rtol=1e-5, atol=1e
     assert unreduced.dim() >= 1 and unreduced.numel() > 1
     torch.testing.assert_close(unreduced.sum(), full, rtol=rtol, atol=atol)
     return log
+
+
+def perturb_flowseq_posterior(model, seed: int = 3):
+    """Moves a FlowSeq model's q(z|y,x) off its zero-initialised N(0, I) start (mu and log sigma^2 then
+    vary with y and t)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head, std in ((model.posterior_net.mu, 0.3), (model.posterior_net.logvar, 0.2)):
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=g) * std)

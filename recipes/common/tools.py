@@ -28,40 +28,23 @@ import sys
 sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
-class TextError(Exception):
-    """A text input the pipeline cannot read as every tool does; the message names the file and line."""
+def _load_text_lines():
+    """fairseq_ext/data/text_lines.py, loaded by path: importing the package would import fairseq (seconds
+    per call of this script)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location(
+        "fairseq_ext_text_lines", os.path.join(root, "fairseq_ext", "data", "text_lines.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def text_lines(path):
-    """Yields (1-based line number, line without its end) as the tools read the file, refusing bytes that
-    are not UTF-8 and a carriage return inside a line.
-
-    Python's text files (these tools) and fairseq-preprocess end a line at \\n, \\r\\n and a lone
-    \\r; ``wc -l`` counts only \\n.  A lone \\r inside a line therefore makes the tools see one line
-    more than the shell's check did (401 against 400), and the pair is misaligned from that line on.
-    \\n and \\r\\n line ends are accepted.  The other separators of str.splitlines (\\v, \\f,
-    \\x1c-\\x1e, \\x85, \\u2028, \\u2029) end no line for these tools (fairseq's tokenizer reads them
-    as spaces), so they are accepted too.
-    """
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            body = raw[:-1] if raw.endswith(b"\n") else raw
-            if body.endswith(b"\r"):
-                body = body[:-1]
-            try:
-                line = body.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise TextError(
-                    f"{path} line {number}: not UTF-8 (byte {body[err.start:err.start + 1]!r} at byte {err.start + 1} "
-                    "of the line); convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
-            if "\r" in line:
-                raise TextError(
-                    f"{path} line {number}: a carriage return (\\r) inside the line, at character "
-                    f"{line.index(chr(13)) + 1}; Python and fairseq-preprocess split the line there, so the files "
-                    "would lose their alignment: remove it (e.g. tr -d '\\r')"
-                )
-            yield number, line
+_text_lines = _load_text_lines()
+TextError = _text_lines.TextLineError
+text_lines = _text_lines.read_text_lines  # (line number, line): UTF-8, no carriage return inside a line
 
 
 def count_lines(path):
