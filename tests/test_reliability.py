@@ -440,3 +440,19 @@ def test_refused_model_exits_with_status_1(tmp_path):
                           text=True, timeout=HANG_TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
     assert "FConvDecoder" in proc.stderr
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-1500:])
+
+
+def test_every_task_of_the_package_has_the_guards():
+    """Every task this package registers (and every one added later) decodes every sentence and checks its
+    best-checkpoint metric: TaskGuardsMixin before fairseq's task, CheckpointMetricConfig in its config."""
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
+
+    from fairseq_ext.modules.task_guards import CheckpointMetricConfig, TaskGuardsMixin
+
+    ours = {name: cls for name, cls in TASK_REGISTRY.items() if cls.__module__.startswith("fairseq_ext.")}
+    assert {"tagging", "search_aware_translation", "translation_flowseq"} <= set(ours)
+    for name, cls in ours.items():
+        mro = cls.__mro__
+        fairseq_bases = [k for k, base in enumerate(mro) if base.__module__.startswith("fairseq.tasks")]
+        assert TaskGuardsMixin in mro and mro.index(TaskGuardsMixin) < min(fairseq_bases), name
+        assert issubclass(TASK_DATACLASS_REGISTRY[name], CheckpointMetricConfig), name
