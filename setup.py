@@ -12,5 +12,7 @@ setup(
     packages=find_packages(include=["fairseq_ext", "fairseq_ext.*"]),
     python_requires=">=3.9",
     install_requires=[],
+    # optional: the figures of bench/plot_mh_stats.py (pip install .[plot]); nothing else imports it
+    extras_require={"plot": ["matplotlib"]},
     entry_points={"console_scripts": ["fairseq-ext-demo=fairseq_ext.demo:main"]},
 )

@@ -29,3 +29,4 @@ from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
 from fairseq_ext.tasks import search_aware_translation  # noqa: E402,F401
 from fairseq_ext.tasks import tagging  # noqa: E402,F401
 from fairseq_ext.tasks import translation_flowseq  # noqa: E402,F401
+from fairseq_ext.tasks import translation_mh  # noqa: E402,F401

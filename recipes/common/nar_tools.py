@@ -10,8 +10,14 @@ Usage: python3 nar_tools.py COMMAND ...   (see --help of each command)
   ro-normalise    Romanian text as Lee et al. (2018) / Sennrich et al. (2016) preprocess WMT'16 en-ro:
                   cedilla s/t -> comma-below, typographic quotes and dashes normalised; with
                   --remove-diacritics also ă â î ș ț (any case) -> a a i s t
+  mh-stats        the chain statistics file(s) of a Metropolis-Hastings / degenerate Gibbs decoding
+                  (--task translation_mh --mh-stats-path) -> one summary line: chain-weighted means of
+                  the acceptance and novel-transition rates and energies over the sample epochs
+                  (--per-epoch: one line per epoch instead)
 """
 import argparse
+import json
+import math
 import re
 import sys
 import unicodedata
@@ -105,6 +111,133 @@ def ro_normalise(args):
     print(f"  ro-normalise{' + remove-diacritics' if args.remove_diacritics else ''}: {n} lines -> {args.output}")
 
 
+# -- chain statistics of the Metropolis-Hastings decodings --------------------------------------
+# One JSON object per line and per (decoded batch, epoch): epoch (0 = the warm start), phase
+# (warm_start | burn_in | sample), chains (the chains of that batch: the weight of its rates and
+# energies), acceptance_rate, novel_rate, energy_local, energy_raw, target_temperature, block_size
+# (a value may be null where it does not apply, e.g. the warm start's acceptance rate).
+MH_PHASES = ("warm_start", "burn_in", "sample")
+MH_VALUES = ("acceptance_rate", "novel_rate", "energy_local", "energy_raw", "target_temperature", "block_size")
+
+
+def read_mh_stats(paths):
+    """The records of one or more stats files, checked; a malformed line fails with its file and line."""
+    records = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{where}: not a JSON line ({e})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{where}: not a JSON object")
+                missing = [k for k in ("epoch", "phase", "chains") + MH_VALUES if k not in rec]
+                if missing:
+                    raise ValueError(f"{where}: missing keys {missing}")
+                if not isinstance(rec["epoch"], int) or isinstance(rec["epoch"], bool) or rec["epoch"] < 0:
+                    raise ValueError(f"{where}: epoch must be an integer >= 0, got {rec['epoch']!r}")
+                if rec["phase"] not in MH_PHASES:
+                    raise ValueError(f"{where}: phase must be one of {MH_PHASES}, got {rec['phase']!r}")
+                if not isinstance(rec["chains"], int) or isinstance(rec["chains"], bool) or rec["chains"] < 1:
+                    raise ValueError(f"{where}: chains must be a positive integer, got {rec['chains']!r}")
+                for k in MH_VALUES:
+                    v = rec[k]
+                    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                        raise ValueError(f"{where}: {k} must be a number or null, got {v!r}")
+                records.append(rec)
+    return records
+
+
+def _value(rec, key):
+    v = rec[key]
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def mh_weighted_means(records):
+    """Chain-weighted means of MH_VALUES over RECORDS ({key: mean or None}) and the chain total.
+
+    Each record weighs as many as its chains: a batch of 40 chains counts four times one of 10, so
+    the mean is the mean over chains (and over epochs, each chain-epoch once)."""
+    out = {}
+    for key in MH_VALUES:
+        num = den = 0.0
+        for rec in records:
+            v = _value(rec, key)
+            if v is not None:
+                num += v * rec["chains"]
+                den += rec["chains"]
+        out[key] = num / den if den else None
+    return out, sum(rec["chains"] for rec in records)
+
+
+def mh_per_epoch(records):
+    """[(epoch, phase, chains, {key: chain-weighted mean})] in epoch order: the curves of the thesis's
+    Figures 6.2-6.4 (one point per epoch, the batches and runs of that epoch pooled)."""
+    by_epoch = {}
+    for rec in records:
+        by_epoch.setdefault(rec["epoch"], []).append(rec)
+    rows = []
+    for epoch in sorted(by_epoch):
+        recs = by_epoch[epoch]
+        phases = {r["phase"] for r in recs}
+        if len(phases) > 1:
+            raise ValueError(f"epoch {epoch} has records of several phases: {sorted(phases)}")
+        means, chains = mh_weighted_means(recs)
+        rows.append((epoch, phases.pop(), chains, means))
+    return rows
+
+
+def mh_summary(records, phases=("sample",)):
+    """{key: chain-weighted mean over the records of PHASES}, plus 'epochs' (first, last), 'chain_epochs',
+    'warm_energy_local' and the last epoch's 'final_energy_local' / 'final_target_temperature'."""
+    chosen = [r for r in records if r["phase"] in phases]
+    means, chain_epochs = mh_weighted_means(chosen)
+    epochs = sorted({r["epoch"] for r in chosen})
+    out = dict(means)
+    out["epochs"] = (epochs[0], epochs[-1]) if epochs else None
+    out["chain_epochs"] = chain_epochs
+    warm = [r for r in records if r["phase"] == "warm_start"]
+    out["warm_energy_local"] = mh_weighted_means(warm)[0]["energy_local"] if warm else None
+    last_epoch = max((r["epoch"] for r in records), default=None)
+    last = [r for r in records if r["epoch"] == last_epoch]
+    lm = mh_weighted_means(last)[0] if last else {}
+    out["final_energy_local"] = lm.get("energy_local")
+    out["final_target_temperature"] = lm.get("target_temperature")
+    return out
+
+
+def _fmt(v, digits=3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def mh_stats(args):
+    try:
+        records = read_mh_stats(args.stats)
+    except (OSError, ValueError) as e:
+        sys.exit(f"ERROR: {e}")
+    if not records:
+        sys.exit(f"ERROR: no chain statistics in {' '.join(args.stats)}")
+    if args.per_epoch:
+        print("epoch\tphase\tchains\t" + "\t".join(MH_VALUES))
+        for epoch, phase, chains, means in mh_per_epoch(records):
+            print(f"{epoch}\t{phase}\t{chains}\t" + "\t".join(_fmt(means[k], 4) for k in MH_VALUES))
+        return
+    phases = tuple(args.phases.split(","))
+    s = mh_summary(records, phases)
+    span = "no epochs" if s["epochs"] is None else f"epochs {s['epochs'][0]}-{s['epochs'][1]}"
+    print(
+        f"MH {args.name}: acceptance {_fmt(s['acceptance_rate'])} novel {_fmt(s['novel_rate'])} "
+        f"E_local {_fmt(s['energy_local'], 2)} E_raw {_fmt(s['energy_raw'], 2)} "
+        f"({'+'.join(phases)} {span}, chain-weighted over {s['chain_epochs']} chain-epochs); "
+        f"warm start E_local {_fmt(s['warm_energy_local'], 2)}; last epoch E_local {_fmt(s['final_energy_local'], 2)}, "
+        f"target temperature {_fmt(s['final_target_temperature'], 2)}"
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +253,12 @@ def main(argv=None):
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=ro_normalise)
+    p = sub.add_parser("mh-stats", help="chain statistics of a Metropolis-Hastings decoding -> a summary line")
+    p.add_argument("stats", nargs="+", help="--mh-stats-path file(s) (JSON lines); several are pooled")
+    p.add_argument("--name", default="", help="the label of the line, e.g. MODEL/DECODING")
+    p.add_argument("--phases", default="sample", help="comma-separated phases averaged (default: sample)")
+    p.add_argument("--per-epoch", action="store_true", help="one tab-separated line per epoch instead")
+    p.set_defaults(func=mh_stats)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -108,6 +108,7 @@ model_decodes() {
 #              model's final training alpha (METHOD_ALPHA) or 1.
 # A globally normalized model (METHOD_GLOBAL) runs its beam searches on raw scores, as it was trained.
 declare -A METHOD_GLOBAL=() METHOD_ALPHA=()
+DECODE_HOOKS=()
 decode_flags() {
   local decode=$1 model=$2 alpha raw=
   [ -z "${METHOD_GLOBAL[$model]:-}" ] || raw=" --search-scores raw"
@@ -119,7 +120,11 @@ decode_flags() {
       echo "--beam ${decode#softbeam} --soft-beam-decoding --soft-beam-decoding-alpha $alpha$raw" ;;
     beam[0-9]*) echo "--beam ${decode#beam}$raw" ;;
     *)
-      # a recipe's own decodings (e.g. FlowSeq's argmax / iwdN / npdN): its recipe_decode_flags
+      # a block's own decodings: each function of DECODE_HOOKS prints the flags of the names it knows
+      # and returns 0 (e.g. the CMLM / Metropolis-Hastings block's mh_decode_flags), else returns 1;
+      # then the recipe's recipe_decode_flags (e.g. FlowSeq's argmax / iwdN / npdN)
+      local hook
+      for hook in "${DECODE_HOOKS[@]}"; do "$hook" "$decode" "$model" && return 0; done
       if declare -F recipe_decode_flags > /dev/null; then recipe_decode_flags "$decode" "$model"
       else die "unknown decoding '$decode' (greedy, beamN, beamNraw, softbeamN)"; fi ;;
   esac
@@ -211,6 +216,12 @@ score_all() {
       require_file "$EXP_DIR/$model/test.$decode.hyp"
       "$PY" "$HELPERS/tools.py" bleu --name "$model/$decode" "$EXP_DIR/$model/test.$decode.hyp" "$ref" \
         | tee -a "$EXP_DIR/results.txt.tmp"
+      # a sampler's chain statistics (the Metropolis-Hastings block, recipes/common/mh.sh): one MH line
+      if [ -e "$EXP_DIR/$model/test.$decode.stats.jsonl" ]; then
+        "$PY" "$HELPERS/nar_tools.py" mh-stats --name "$model/$decode" "$EXP_DIR/$model/test.$decode.stats.jsonl" \
+          | tee -a "$EXP_DIR/results.txt.tmp"
+        [ "${PIPESTATUS[0]}" = 0 ] || die "unreadable chain statistics: $EXP_DIR/$model/test.$decode.stats.jsonl"
+      fi
     done
   done
   mv "$EXP_DIR/results.txt.tmp" "$EXP_DIR/results.txt"

@@ -10,6 +10,10 @@
 # as teacher, translates the training set with beam DISTILL_BEAM), flowseq_raw, flowseq_kd (FlowSeq
 # on raw / distilled data; decoded argmax, iwd15, npd15, npd30 with the baseline rescoring NPD),
 # nat_raw, nat_kd (fairseq's nonautoregressive_transformer, one parallel decoding pass).
+# CMLM / Metropolis-Hastings block (only with --methods; `mh` = distill, cmlm_raw, cmlm_kd;
+# recipes/common/mh.sh): fairseq's cmlm_transformer on raw / distilled data, decoded with the warm
+# start, mask-predict (beam 1, 10 iterations), degenerate Gibbs and MH with E_local / E_raw (plain,
+# block, annealed target temperature): MH_DECODES, MH_CHAINS, MH_BURN_IN, MH_EPOCHS, CMLM_EPOCHS (200).
 # --smoke (or SMOKE=1): a tiny model for one epoch, to check the pipeline in seconds.
 # Env: SEED (1), DEVICE=auto|cpu|gpu, FP16=1 (GPU only), SS_PROB, SS_PASSES; FlowSeq/NAT:
 #      FLOWSEQ_EPOCHS (200), FLOWSEQ_INIT (4000), FLOWSEQ_KL_WARMUP (4000), NAT_EPOCHS (200), and the
@@ -65,5 +69,18 @@ NAT_BATCH=(--max-tokens 4096 --num-workers 1)
 NAT_LENGTH=(--max-epoch "${NAT_EPOCHS:-200}")
 source "$(dirname "$0")/../common/flowseq.sh"
 flowseq_setup
+# -- fairseq's cmlm_transformer (--methods mh, recipes/common/mh.sh): the baseline's size, the NAT's
+#    optimisation (fairseq's NAT example: Adam (0.9, 0.98), lr 5e-4, inverse sqrt), random_mask noise
+CMLM_MODEL=(--arch cmlm_transformer --share-all-embeddings
+            --encoder-layers 3 --decoder-layers 3 --encoder-embed-dim 256 --decoder-embed-dim 256
+            --encoder-ffn-embed-dim 1024 --decoder-ffn-embed-dim 1024
+            --encoder-attention-heads 4 --decoder-attention-heads 4)
+CMLM_REG=(--dropout 0.3 --weight-decay 0.01 --label-smoothing 0.1)
+CMLM_OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.0
+            --lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --warmup-init-lr 1e-7)
+CMLM_BATCH=(--max-tokens 4096 --num-workers 1)
+CMLM_LENGTH=(--max-epoch "${CMLM_EPOCHS:-200}")
+source "$(dirname "$0")/../common/mh.sh"
+mh_setup
 
 run_stages

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# WMT'14 English -> German: Europarl v7 + Common Crawl + News Commentary v9 for training,
-# newstest2013 for validation, newstest2014 (full, 3003 sentences) for test.
+# WMT'14 English -> German (or German -> English: --src de --tgt en): Europarl v7 + Common Crawl +
+# News Commentary v9 for training, newstest2013 for validation, newstest2014 (full, 3003 sentences)
+# for test.
 #
-# Usage: prepare.sh OUT_DIR [--local DIR] [--vocab-size N] [--smoke] [--force]
+# Usage: prepare.sh OUT_DIR [--src en --tgt de] [--local DIR] [--vocab-size N] [--smoke] [--force]
+#   --src de --tgt en: the other direction (the de-en test of the Mask-Predict / Metropolis-Hastings
+#                experiments; test from newstest2014-deen-src.de.sgm and -ref.en.sgm of the release)
 #   without --local: downloads the WMT'14 archives (URLs below, ~1.5 GB) into OUT_DIR/download
 #   --local DIR: no download; DIR holds plain text files train/valid/test.{en,de}, used as they are
 #                (training pairs are still length-filtered)
@@ -29,12 +32,15 @@ LOCAL=
 recipe_option() {  # this recipe's own options (the common ones: parse_prepare_args in common/lib.sh)
   case $1 in
     --local) LOCAL=$2 ;;
+    --src) SRC=$2 ;;
+    --tgt) TGT=$2 ;;
     *) return 1 ;;
   esac
 }
 parse_prepare_args "$@"
 [ ${#POS[@]} -eq 1 ] || usage
 OUT_DIR=${POS[0]}
+case "$SRC-$TGT" in en-de|de-en) ;; *) die "--src/--tgt: en-de or de-en, got $SRC-$TGT" ;; esac
 
 if [ -n "$LOCAL" ]; then
   [ -d "$LOCAL" ] || die "--local directory not found: $LOCAL"
@@ -57,7 +63,7 @@ if [ -z "$LOCAL" ]; then
   fetch_tarball "$URL_COMMONCRAWL" "$DL/commoncrawl.tgz" commoncrawl.de-en.de commoncrawl.de-en.en
   fetch_tarball "$URL_NEWSCOMM" "$DL/nc-v9.tgz" training/news-commentary-v9.de-en.de training/news-commentary-v9.de-en.en
   fetch_tarball "$URL_DEV" "$DL/dev.tgz" dev/newstest2013.de dev/newstest2013.en
-  fetch_tarball "$URL_TEST" "$DL/test-full.tgz" test-full/newstest2014-deen-src.en.sgm test-full/newstest2014-deen-ref.de.sgm
+  fetch_tarball "$URL_TEST" "$DL/test-full.tgz" "test-full/newstest2014-deen-src.$SRC.sgm" "test-full/newstest2014-deen-ref.$TGT.sgm"
 
   phase "extracting"
   mkdir -p "$DL/x"
@@ -65,7 +71,7 @@ if [ -z "$LOCAL" ]; then
   tar -xzf "$DL/commoncrawl.tgz" -C "$DL/x" commoncrawl.de-en.de commoncrawl.de-en.en
   tar -xzf "$DL/nc-v9.tgz" -C "$DL/x" training/news-commentary-v9.de-en.de training/news-commentary-v9.de-en.en
   tar -xzf "$DL/dev.tgz" -C "$DL/x" dev/newstest2013.de dev/newstest2013.en
-  tar -xzf "$DL/test-full.tgz" -C "$DL/x" test-full/newstest2014-deen-src.en.sgm test-full/newstest2014-deen-ref.de.sgm
+  tar -xzf "$DL/test-full.tgz" -C "$DL/x" "test-full/newstest2014-deen-src.$SRC.sgm" "test-full/newstest2014-deen-ref.$TGT.sgm"
   CORPORA=("$DL/x/training/europarl-v7.de-en" "$DL/x/commoncrawl.de-en" "$DL/x/training/news-commentary-v9.de-en")
   for c in "${CORPORA[@]}"; do require_parallel "$c.$SRC" "$c.$TGT"; done
   require_parallel "$DL/x/dev/newstest2013.$SRC" "$DL/x/dev/newstest2013.$TGT"
@@ -75,9 +81,10 @@ if [ -z "$LOCAL" ]; then
     cat "${CORPORA[@]/%/.$lang}" > "$TMP/train.$lang"
     cp "$DL/x/dev/newstest2013.$lang" "$TMP/valid.$lang"
   done
-  # the en->de test set: English source, German reference (the "full" set: both directions' sentences)
-  "$PY" "$HELPERS/tools.py" strip-xml --segs "$DL/x/test-full/newstest2014-deen-src.en.sgm" "$TMP/test.en"
-  "$PY" "$HELPERS/tools.py" strip-xml --segs "$DL/x/test-full/newstest2014-deen-ref.de.sgm" "$TMP/test.de"
+  # the test set: the source side's src file, the target side's ref file (the "full" set: both
+  # directions' sentences; en->de reads src.en + ref.de, de->en src.de + ref.en)
+  "$PY" "$HELPERS/tools.py" strip-xml --segs "$DL/x/test-full/newstest2014-deen-src.$SRC.sgm" "$TMP/test.$SRC"
+  "$PY" "$HELPERS/tools.py" strip-xml --segs "$DL/x/test-full/newstest2014-deen-ref.$TGT.sgm" "$TMP/test.$TGT"
   for split in train valid test; do require_parallel "$TMP/$split.$SRC" "$TMP/$split.$TGT"; done
   IN=$TMP
 else

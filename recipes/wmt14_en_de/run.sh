@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# WMT'14 en->de: teacher-forced baseline vs parallel scheduled sampling, decoding and sacreBLEU.
+# WMT'14 en->de (or de->en, from prepare.sh --src de --tgt en): teacher-forced baseline vs parallel
+# scheduled sampling, decoding and sacreBLEU.
 #
 # Usage: run.sh DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--methods a,b] [--smoke]
 #   DATA_DIR  output of recipes/wmt14_en_de/prepare.sh
@@ -12,6 +13,11 @@
 # nonautoregressive_transformer, one parallel pass); see recipes/common/flowseq.sh.
 #   Env: FLOWSEQ_UPDATES, FLOWSEQ_INIT (30000), FLOWSEQ_KL_WARMUP (10000), NAT_UPDATES, NAR_MAX_LEN,
 #   DISTILL_BEAM (5), DISTILL_FORCE=1, FLOWSEQ_DECODES, FLOWSEQ_TAU (0.3), FLOWSEQ_GEN_BATCH_SIZE (32).
+# CMLM / Metropolis-Hastings block (only with --methods; `mh` = distill, cmlm_raw, cmlm_kd; Goyal's
+# thesis chapter 6 on de->en: prepare.sh --src de --tgt en): fairseq's cmlm_transformer on raw /
+# distilled data, decoded with the warm start, mask-predict (beam 1, 10 iterations), degenerate Gibbs,
+# MH with E_local / E_raw (plain, block, annealed); see recipes/common/mh.sh.
+#   Env: CMLM_UPDATES (300000), MH_DECODES, MH_CHAINS (5), MH_BURN_IN (7), MH_EPOCHS (26), MH_BLOCK_SIZE.
 # Env: SEED (1), DEVICE=auto|cpu|gpu, FP16=1 (GPU only; recommended), UPDATE_FREQ (8), SS_PROB, SS_PASSES.
 # A real run needs a GPU: about 4.5M training pairs; the transformer-base setting below takes days
 # on one GPU (set UPDATE_FREQ=1 on 8 GPUs for the usual ~32k-token batches).
@@ -62,5 +68,16 @@ NAT_BATCH=(--max-tokens 8192 --update-freq "${UPDATE_FREQ:-8}" --num-workers 2)
 NAT_LENGTH=(--max-update "${NAT_UPDATES:-300000}")
 source "$(dirname "$0")/../common/flowseq.sh"
 flowseq_setup
+# -- fairseq's cmlm_transformer (--methods mh, recipes/common/mh.sh) as in fairseq's NAT example
+#    (transformer-base sizes, random_mask noise, 300k updates; Mask-Predict trained 300k), then
+#    the warm start, mask-predict, degenerate Gibbs and Metropolis-Hastings decodings
+CMLM_MODEL=(--arch cmlm_transformer --share-all-embeddings)
+CMLM_REG=(--dropout 0.3 --weight-decay 0.01 --label-smoothing 0.1)
+CMLM_OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.0 --lr 5e-4 --lr-scheduler inverse_sqrt
+            --warmup-updates 10000 --warmup-init-lr 1e-7 --stop-min-lr 1e-9)
+CMLM_BATCH=(--max-tokens 8192 --update-freq "${UPDATE_FREQ:-8}" --num-workers 2)
+CMLM_LENGTH=(--max-update "${CMLM_UPDATES:-300000}")
+source "$(dirname "$0")/../common/mh.sh"
+mh_setup
 
 run_stages

@@ -17,6 +17,11 @@
 #      FLOWSEQ_ARCH (flowseq_base | flowseq_large), FLOWSEQ_UPDATES (200000), FLOWSEQ_INIT (30000),
 #      FLOWSEQ_KL_WARMUP (10000), NAT_UPDATES (200000), NAR_MAX_LEN (80), DISTILL_BEAM (5),
 #      DISTILL_FORCE=1, FLOWSEQ_DECODES, FLOWSEQ_TAU (0.3), FLOWSEQ_GEN_BATCH_SIZE (32).
+# CMLM / Metropolis-Hastings block (only with --methods; `mh` = distill, cmlm_raw, cmlm_kd; Goyal's
+# thesis chapter 6 on ro->en: prepare.sh --src ro --tgt en): fairseq's cmlm_transformer on raw /
+# distilled data, decoded with the warm start, mask-predict (beam 1, 10 iterations), degenerate Gibbs,
+# MH with E_local / E_raw (plain, block, annealed); see recipes/common/mh.sh.
+#   Env: CMLM_UPDATES (200000), MH_DECODES, MH_CHAINS (5), MH_BURN_IN (7), MH_EPOCHS (26), MH_BLOCK_SIZE.
 # A real run needs a GPU: ~610k training pairs; transformer base for 100k updates of ~32k tokens.
 set -euo pipefail
 source "$(dirname "$0")/../common/lib.sh"
@@ -60,5 +65,16 @@ NAT_BATCH=(--max-tokens 8192 --update-freq "${UPDATE_FREQ:-8}" --num-workers 2)
 NAT_LENGTH=(--max-update "${NAT_UPDATES:-200000}")
 source "$(dirname "$0")/../common/flowseq.sh"
 flowseq_setup
+# -- fairseq's cmlm_transformer (--methods mh, recipes/common/mh.sh) as in fairseq's NAT example
+#    (transformer-base sizes, random_mask noise, 200k updates; Mask-Predict trained 300k), then
+#    the warm start, mask-predict, degenerate Gibbs and Metropolis-Hastings decodings
+CMLM_MODEL=(--arch cmlm_transformer --share-all-embeddings)
+CMLM_REG=(--dropout 0.3 --weight-decay 0.01 --label-smoothing 0.1)
+CMLM_OPTIM=(--optimizer adam --adam-betas '(0.9,0.98)' --clip-norm 0.0 --lr 5e-4 --lr-scheduler inverse_sqrt
+            --warmup-updates 10000 --warmup-init-lr 1e-7 --stop-min-lr 1e-9)
+CMLM_BATCH=(--max-tokens 8192 --update-freq "${UPDATE_FREQ:-8}" --num-workers 2)
+CMLM_LENGTH=(--max-update "${CMLM_UPDATES:-200000}")
+source "$(dirname "$0")/../common/mh.sh"
+mh_setup
 
 run_stages
