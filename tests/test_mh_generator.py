@@ -174,11 +174,26 @@ def test_refused_options_name_their_flag(overrides, flag):
         validate_mh_config(mh_cfg(**overrides))
 
 
-def test_a_block_longer_than_a_predicted_length_is_refused(cmlm):
+def test_a_block_longer_than_any_target_is_refused_before_decoding(cmlm):
     task, model = cmlm
-    gen = MHGenerator([model], task.tgt_dict, mh_cfg(mh_block_size=11), seed=1)  # lengths <= 12 - 2 = 10
-    with pytest.raises(ValueError, match=r"--mh-block-size 11 is larger than the target length \d+ of sentence"):
-        gen.generate([model], batch(task, [0]))
+    with pytest.raises(ValueError, match=r"--mh-block-size 11 is larger than the longest target the model can decode \(10"):
+        MHGenerator([model], task.tgt_dict, mh_cfg(mh_block_size=11), seed=1)  # lengths <= 12 - 2 = 10
+
+
+def test_predicted_lengths_below_the_block_size_are_raised_to_it():
+    length_log_probs = torch.full((2, 256), -30.0)
+    length_log_probs[0, 3] = 0.0  # total length 3: one target token
+    length_log_probs[1, 9] = 0.0  # total length 9: seven target tokens
+    assert top_lengths(length_log_probs, None, False, 1, 100).tolist() == [[1], [7]]
+    assert top_lengths(length_log_probs, None, False, 1, 100, min_len=4).tolist() == [[4], [7]]
+
+
+def test_a_block_decodes_a_sentence_predicted_shorter_than_the_block(cmlm):
+    task, model = cmlm
+    gen = MHGenerator([model], task.tgt_dict, mh_cfg(mh_block_size=10, mh_burn_in_epochs=1, mh_sample_epochs=1),
+                      seed=1)  # fmt: skip
+    hypos = gen.generate([model], batch(task, [0]))
+    assert len(hypos) == 1 and all(len(h["tokens"]) == 10 + 1 for h in hypos[0])  # 10 tokens and EOS
 
 
 def test_a_model_that_is_not_a_masked_lm_is_refused():

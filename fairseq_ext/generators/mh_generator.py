@@ -208,7 +208,8 @@ def check_masked_lm(model, flag: str = "--task translation_mh") -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def top_lengths(length_log_probs: Tensor, src_lengths: Optional[Tensor], offset: bool, l: int, max_len: int) -> Tensor:
+def top_lengths(length_log_probs: Tensor, src_lengths: Optional[Tensor], offset: bool, l: int, max_len: int,
+                min_len: int = 1) -> Tensor:  # fmt: skip
     """The l most probable target lengths T (tokens between BOS and EOS) of each sentence.
 
     Args:
@@ -217,11 +218,13 @@ def top_lengths(length_log_probs: Tensor, src_lengths: Optional[Tensor], offset:
             plus 128 (fairseq's ``forward_length_prediction``).
         src_lengths: B source lengths (for the offset).
     Returns:
-        B x l, clamped to [1, max_len] (a chain needs a position to sample; fairseq allows an empty target).
+        B x l, clamped to [min_len, max_len]: a chain needs a position to sample (fairseq allows an empty
+        target), and a block proposal needs ``--mh-block-size`` positions, so with blocks of b a predicted
+        length below b is raised to b (rather than stopping a test set's decoding at its shortest sentence).
     """
     classes = length_log_probs.topk(min(l, length_log_probs.size(1)), dim=1).indices  # B x l
     total = classes - 128 + src_lengths.unsqueeze(1) if offset else classes
-    return (total - 2).clamp(min=1, max=max_len)
+    return (total - 2).clamp(min=min_len, max=max_len)
 
 
 def chain_layout(lengths: Tensor, sent_ids: Tensor, chains: int):
@@ -265,6 +268,12 @@ class MHGenerator(object):
             if len(models) != 1:
                 raise ValueError(f"--mh-sampler {cfg.mh_sampler} decodes with one model; got an ensemble of {len(models)}")
             check_masked_lm(models[0], f"--mh-sampler {cfg.mh_sampler}")
+            longest = models[0].max_decoder_positions() - 2  # BOS and EOS take two positions
+            if int(cfg.mh_block_size) > longest:
+                raise ValueError(
+                    f"--mh-block-size {cfg.mh_block_size} is larger than the longest target the model can decode "
+                    f"({longest} tokens between BOS and EOS): lower --mh-block-size"
+                )
         self.tgt_dict = tgt_dict
         self.bos, self.pad, self.eos, self.unk = tgt_dict.bos(), tgt_dict.pad(), tgt_dict.eos(), tgt_dict.unk()
         self.settings = settings_from_config(cfg, seed)
@@ -307,7 +316,7 @@ class MHGenerator(object):
         pad_mask = encoder_out["encoder_padding_mask"]
         src_len = (~pad_mask[0]).sum(dim=1) if len(pad_mask) > 0 else src_tokens.new_full((bsz,), src_tokens.size(1))
         lengths = top_lengths(length_lp, src_len, bool(model.decoder.pred_length_offset), self.length_beam,
-                              model.max_decoder_positions() - 2)  # B x l  # fmt: skip
+                              model.max_decoder_positions() - 2, max(1, self.settings.block_size))  # B x l  # fmt: skip
         lengths, contexts, ids = chain_layout(lengths, sent_ids, self.chains)  # C, C, C x 3
 
         mlm = CMLMMaskedLM(model, encoder_out, self.max_tokens_per_pass, self.counter)
