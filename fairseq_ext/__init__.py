@@ -18,6 +18,7 @@ install_clean_exit()
 # Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
 from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401
 from fairseq_ext.criterions import flowseq_loss  # noqa: E402,F401
+from fairseq_ext.criterions import mgs  # noqa: E402,F401
 from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
 from fairseq_ext.criterions import self_normalized_cross_entropy  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401

@@ -31,6 +31,11 @@ import numpy as np; assert np.__version__.startswith("1."), np.__version__' 2>/d
   echo "[install] fairseq-fixed 0.12.3.1 (compiles its C++/Cython extensions: about 2 minutes)"
   pip_install --no-build-isolation --no-deps fairseq-fixed==0.12.3.1
 fi
+# added to requirements/runtime.txt after fairseq's own dependencies: installed on its own when missing
+if ! "$PY" -c 'import editdistance' 2>/dev/null; then
+  echo "[install] editdistance (the mgs task loss 'edit')"
+  pip_install "$(grep '^editdistance' requirements/runtime.txt)"
+fi
 if [ "${1:-}" = "--with-tests" ] && ! "$PY" -c 'import pytest' 2>/dev/null; then
   pip_install -r requirements/test.txt
 fi
