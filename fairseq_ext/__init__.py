@@ -19,7 +19,9 @@ install_clean_exit()
 from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401
 from fairseq_ext.criterions import flowseq_loss  # noqa: E402,F401
 from fairseq_ext.criterions import mgs  # noqa: E402,F401
+from fairseq_ext.criterions import mrt  # noqa: E402,F401
 from fairseq_ext.criterions import parallel_ss  # noqa: E402,F401
+from fairseq_ext.criterions import policy_gradient  # noqa: E402,F401
 from fairseq_ext.criterions import self_normalized_cross_entropy  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401
 from fairseq_ext.criterions import soft_beam_loss  # noqa: E402,F401
@@ -29,5 +31,6 @@ from fairseq_ext.scoring import span_f1  # noqa: E402,F401
 from fairseq_ext.scoring import tag_accuracy  # noqa: E402,F401
 from fairseq_ext.tasks import search_aware_translation  # noqa: E402,F401
 from fairseq_ext.tasks import tagging  # noqa: E402,F401
+from fairseq_ext.tasks import text_completion  # noqa: E402,F401
 from fairseq_ext.tasks import translation_flowseq  # noqa: E402,F401
 from fairseq_ext.tasks import translation_mh  # noqa: E402,F401

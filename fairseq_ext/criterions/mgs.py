@@ -41,6 +41,10 @@ draw the same ones.  Each worker decodes its own shard; the task-loss sums, sent
 gradient and its normaliser are all-reduced with fairseq's ``distributed_utils.all_reduce``, so every
 worker computes the same direction, and 2 workers equal 1 worker on the same global batch.
 
+Text completion (section 5.1): under ``--task text_completion`` a decoder-only language model
+(``--arch transformer_lm``) is searched the same way; every decode continues the examples' prefixes and the
+MLE loss covers the continuations only.
+
 Memory: the candidates are regenerated from their seeds, never stored (Appendix A.3); one copy of the
 parameters restores them bit for bit after each candidate; the MLE gradient and the direction add one
 parameter-sized tensor each: peak = an MLE step + 2 x parameters.
@@ -76,7 +80,7 @@ from fairseq_ext.modules.parameter_search import (
     stream_seed,
     weight_statistics,
 )
-from fairseq_ext.modules.sequence_decoding import BatchDecoder, references
+from fairseq_ext.modules.sequence_decoding import BatchDecoder, prefixes, references
 from fairseq_ext.modules.task_losses import (
     TASK_LOSSES,
     LanguageModelScorer,
@@ -281,27 +285,31 @@ class MLEGuidedParameterSearchCriterion(LabelSmoothedCrossEntropyCriterion):
         self._position = (update, micro + 1 if update == last_update else 0)
         return self._position
 
-    def searchable_model(self, model):
-        """The unwrapped encoder-decoder model; refuses wrappers and models MGS cannot drive."""
+    def searchable_model(self, model, sample):
+        """The unwrapped model (encoder-decoder, or a language model on text-completion samples); refuses
+        wrappers and models MGS cannot drive."""
         if not submodules_callable_directly(model):
             raise UnsupportedModelError(
                 "--criterion mgs computes and all-reduces its own update direction and cannot run under "
                 "--ddp-backend pytorch_ddp/c10d or fully_sharded: use --ddp-backend legacy_ddp (or no_c10d)"
             )
-        from fairseq.models import FairseqEncoderDecoderModel
+        from fairseq.models import FairseqEncoderDecoderModel, FairseqLanguageModel
 
         inner = unwrap_model(model)
+        if isinstance(inner, FairseqLanguageModel) and sample.get("prefix_tokens") is not None:
+            return inner  # text completion (section 5.1): continuations of each example's prefix
         if not isinstance(inner, FairseqEncoderDecoderModel):
             raise UnsupportedModelError(
                 f"--criterion mgs decodes with fairseq's SequenceGenerator and needs an encoder-decoder model "
-                f"(translation: --arch transformer, lstm, fconv, ...); got {type(inner).__name__}"
+                f"(translation: --arch transformer, lstm, fconv, ...) or a language model under --task "
+                f"text_completion (prefix -> continuation pairs); got {type(inner).__name__}"
             )
         return inner
 
-    def costs(self, hypotheses, terminated, refs) -> List[float]:
+    def costs(self, hypotheses, terminated, refs, prefix_lists=None) -> List[float]:
         batch = TaskLossBatch(
             hypotheses, terminated, refs, dictionary=self.task.target_dictionary, post_process=self.post_process,
-            sacrebleu_tokenize=self.sacrebleu_tokenize, scorer=self.scorer,
+            sacrebleu_tokenize=self.sacrebleu_tokenize, prefixes=prefix_lists, scorer=self.scorer,
         )  # fmt: skip
         return compute_task_loss(self.task_loss, batch)
 
@@ -323,7 +331,7 @@ class MLEGuidedParameterSearchCriterion(LabelSmoothedCrossEntropyCriterion):
     def search_step(self, model, sample):
         from fairseq.distributed import utils as distributed_utils
 
-        inner = self.searchable_model(model)
+        inner = self.searchable_model(model, sample)
         params = [p for p in inner.parameters() if p.requires_grad]
         update, micro = self.next_position()
         group = distributed_utils.get_data_parallel_group()
@@ -332,10 +340,11 @@ class MLEGuidedParameterSearchCriterion(LabelSmoothedCrossEntropyCriterion):
             self.scorer.to(params[0].device)
         decode_seed = stream_seed(self.seed, update, micro, DECODE_STREAM)
         refs = references(sample, self.task.target_dictionary)
+        prefix_lists = prefixes(sample)  # text completion: the lm cost scores continuations of them
 
         # 1. decode with the current parameters; pooled task loss C(theta)
         hyps, done = self.decoder.decode_best(inner, sample, seed=decode_seed)
-        current_costs = self.costs(hyps, done, refs)
+        current_costs = self.costs(hyps, done, refs, prefix_lists)
 
         # 2. the MLE gradient, pooled over workers, clipped (Appendix A.4); m = -g is the MLE step
         net_output = inner(**sample["net_input"])
@@ -368,7 +377,7 @@ class MLEGuidedParameterSearchCriterion(LabelSmoothedCrossEntropyCriterion):
             for k in range(self.num_candidates):
                 norms.append(apply_candidate_(params, sampler, k))
                 cand_hyps, cand_done = self.decoder.decode_best(inner, sample, seed=decode_seed)
-                candidate_sums.append(math.fsum(self.costs(cand_hyps, cand_done, refs)))
+                candidate_sums.append(math.fsum(self.costs(cand_hyps, cand_done, refs, prefix_lists)))
                 snapshot.restore()
         finally:
             snapshot.restore()

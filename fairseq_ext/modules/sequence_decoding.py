@@ -16,6 +16,10 @@ decoded tokens and whether the decoder ended them with EOS.  :class:`BatchDecode
 * Sampling draws from a torch RNG forked and seeded with ``seed`` when one is given, so that decoding
   the same batch with different parameters can use common random numbers, and the global RNG that
   fairseq seeds per update is left untouched.
+* Text completion (Welleck and Cho, section 5.1): a decoder-only language model continues the prefix
+  that a sample carries as ``prefix_tokens`` (B x k, task ``text_completion``).  The generator is forced
+  through the prefix; the returned tokens, the maximum length (1.3 x the longest continuation) and the
+  termination flag concern the continuation only.
 """
 import math
 from contextlib import contextmanager
@@ -96,9 +100,13 @@ class BatchDecoder:
         self.max_len_ratio = max_len_ratio
 
     def max_length(self, sample, model) -> int:
-        """ceil(ratio x longest target), at least 1, at most the decoder's positions - 1."""
+        """ceil(ratio x longest target), at least 1, at most the decoder's positions - 1 (- the prefix).
+
+        With ``prefix_tokens`` (text completion) the targets are the continuations (the prefix positions
+        are padding), so this is the continuation's maximum length.
+        """
         longest = int(target_lengths(sample["target"], self.dictionary.pad()).max())
-        limit = model.max_decoder_positions() - 1
+        limit = model.max_decoder_positions() - 1 - prefix_length(sample)
         return max(1, min(int(math.ceil(self.max_len_ratio * longest)), limit))
 
     def build_generator(self, model, max_len: int):
@@ -120,20 +128,22 @@ class BatchDecoder:
         Args:
             model: the (unwrapped) encoder-decoder model, decoded with its current parameters.
             sample: a fairseq translation sample (``net_input`` with ``src_tokens``, ``src_lengths``;
-                ``target`` for the maximum length).
+                ``target`` for the maximum length), or a text-completion sample (with ``prefix_tokens``).
             seed: seeds a forked RNG for sampling (None: the global RNG as it is).
         """
         max_len = self.max_length(sample, model)
+        prefix = sample.get("prefix_tokens")  # B x k (text completion) or None
+        k = prefix_length(sample)
         device = sample["net_input"]["src_tokens"].device
         with eval_mode(model), seeded_rng(seed if self.sampling else None, device):
-            generator = self.build_generator(model, max_len)  # its constructor sets eval mode too
-            outputs = generator.generate([model], {"net_input": sample["net_input"]})
+            generator = self.build_generator(model, k + max_len)  # its constructor sets eval mode too
+            outputs = generator.generate([model], {"net_input": sample["net_input"]}, prefix_tokens=prefix)
         eos = self.dictionary.eos()
         batch = []
         for hypos in outputs:
             row = []
             for hypo in hypos[: self.nbest]:
-                tokens = hypo["tokens"].tolist()  # ends with EOS, natural or forced at max_len
+                tokens = hypo["tokens"].tolist()[k:]  # ends with EOS, natural or forced at max_len
                 # a natural EOS comes at step s < max_len (s + 1 tokens); a forced one at step max_len
                 terminated = len(tokens) <= max_len and len(tokens) > 0 and tokens[-1] == eos
                 if tokens and tokens[-1] == eos:
@@ -146,6 +156,18 @@ class BatchDecoder:
         """(B token lists, B termination flags) of the best hypothesis per sentence."""
         best = [row[0] for row in self.decode(model, sample, seed)]
         return [h.tokens for h in best], [h.terminated for h in best]
+
+
+def prefix_length(sample) -> int:
+    """k, the length of the sample's ``prefix_tokens`` (text completion), or 0."""
+    prefix = sample.get("prefix_tokens")
+    return 0 if prefix is None else int(prefix.size(1))
+
+
+def prefixes(sample) -> Optional[List[List[int]]]:
+    """B prefix token lists of a text-completion sample, or None for other samples."""
+    prefix = sample.get("prefix_tokens")
+    return None if prefix is None else prefix.tolist()
 
 
 def references(sample, dictionary) -> List[List[int]]:
