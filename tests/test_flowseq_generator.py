@@ -96,6 +96,7 @@ class FakeFlowSeq(torch.nn.Module):
         self.pad_logit = pad_logit
         self.posterior_samples = []
         self.posterior_means, self.posterior_masks = [], []
+        self.decode_rows = []  # candidates per decoder pass
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def encode(self, src_tokens, src_lengths):
@@ -118,6 +119,7 @@ class FakeFlowSeq(torch.nn.Module):
 
     def decode(self, z, tgt_mask, src, src_mask):
         n, t, _ = z.shape
+        self.decode_rows.append(n)
         m = self.source_words(src, src_mask)  # N
         src_words = src.argmax(-1)  # N x S
         logits = torch.zeros(n, t, V)
@@ -165,9 +167,11 @@ class FakeTeacherDecoder(torch.nn.Module):
         super().__init__()
         self.table = torch.nn.Parameter(table)
         self.calls = 0
+        self.rows = []  # candidates per teacher-forced pass
 
     def forward(self, prev_output_tokens, encoder_out=None):
         self.calls += 1
+        self.rows.append(prev_output_tokens.size(0))
         assert encoder_out["src"].size(0) == prev_output_tokens.size(0)
         return self.table[prev_output_tokens], None
 
@@ -499,7 +503,11 @@ def test_npd_keeps_the_candidate_the_teacher_scores_highest():
                            teacher=teacher)  # fmt: skip
     hypos = gen.generate([model], batch(*SENTENCES))
     check_hypothesis_format(hypos)
-    assert teacher.decoder.calls == 1  # one teacher-forced pass over all candidates of the batch
+    # memory: neither the decoder nor the teacher ever holds the log-probs of all B x l x r candidates at once;
+    # they go in chunks of at most B candidates, each candidate exactly once
+    bsz = len(SENTENCES)
+    assert sum(teacher.decoder.rows) == sum(model.decode_rows) == bsz * l * r
+    assert max(teacher.decoder.rows) <= bsz and max(model.decode_rows) <= bsz
     refs = candidate_references(model, SENTENCES, l, r, model.prior.received_eps[0])
     flowseq_would_differ = False
     for out, cands in zip(hypos, refs):
@@ -636,6 +644,49 @@ def test_real_model_sentences_decode_the_same_alone_and_in_a_batch():
             assert [h["tokens"].tolist() for h in together[i]] == [h["tokens"].tolist() for h in alone]
             for a, b in zip(together[i], alone):
                 assert torch.allclose(a["positional_scores"], b["positional_scores"], atol=1e-4)
+
+
+def perturb_prior_(model, seed):
+    """Moves the prior off its (near-identity) init so that decoding depends on every layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prior.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+def hypotheses(out):
+    return [[(h["tokens"].tolist(), h["positional_scores"].tolist()) for h in sentence] for sentence in out]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(decoding="iwd", length_candidates=2, samples=2, temperature=0.5)])
+def test_real_model_decoding_with_cached_inverses_equals_decoding_without(options):
+    from fairseq_ext.modules.flows import InvertibleMultiHeadLinear, inverse_cache
+
+    task, model, _ = build_real_flowseq()
+    perturb_prior_(model, 0)
+    gen = FlowSeqGenerator([model], task.target_dictionary, cfg(**options))
+    sample = real_batch(task, REAL_PAIRS)
+    linears = [m for m in model.prior.modules() if isinstance(m, InvertibleMultiHeadLinear)]
+
+    def run(cache):
+        torch.manual_seed(5)
+        with inverse_cache(cache):
+            return hypotheses(gen.generate([model], sample))
+
+    uncached = run(False)
+    assert run(True) == uncached
+    caches = [m._cache for m in linears]
+    assert all(c is not None for c in caches)
+    model.train()  # a training phase in between (e.g. --eval-bleu during training) ...
+    model.eval()
+    assert run(True) == uncached  # ... keeps the inverses: the next batch reuses them
+    assert all(m._cache is c for m, c in zip(linears, caches))
+    # a weight change (an optimiser step writes through .data) is seen at once
+    with torch.no_grad():
+        for m in linears:
+            m.weight.data.mul_(1.3)
+    changed = run(True)
+    assert changed == run(False) and all(m._cache is not c for m, c in zip(linears, caches))
 
 
 def test_real_model_npd_teacher_scores_match_fairseqs_sequence_scorer():

@@ -379,6 +379,31 @@ def test_additive_positions_and_tied_output_embeddings():
     assert torch.isfinite(loss) and model.posterior_net.embed_tokens.weight.grad is not None
 
 
+def test_a_checkpoint_of_the_earlier_prior_layout_is_refused_with_a_clear_message():
+    _, model, _ = build()
+    state = model.state_dict()
+    # the earlier layout's keys (one coupling per step under prior.levels, prior.prior_couplings)
+    old = {k: v for k, v in state.items() if not k.startswith("prior.")}
+    old["prior.levels.0.0.actnorm.log_scale"] = torch.zeros(8)
+    old["prior.prior_couplings.0.net.out_proj.bias"] = torch.zeros(8)
+    with pytest.raises(ValueError, match="earlier prior layout"):
+        model.load_state_dict(old)
+    # its saved configuration (48,48,16 couplings per scale) is refused before a huge prior is built
+    with pytest.raises(ValueError, match="earlier prior layout"):
+        build(["--flowseq-prior-steps", "48,48,16"])
+    model.load_state_dict(state)  # the current layout loads
+
+
+def test_prior_parameter_count_at_the_papers_base_size_matches_the_reference():
+    from fairseq_ext.modules.flow_prior import prior_parameter_count
+
+    _, model, _ = build(["--flowseq-prior-steps", "4,4,2"], arch="flowseq_base")
+    count = sum(p.numel() for p in model.prior.parameters())
+    assert count == prior_parameter_count(256, 256, 512, 8, (4, 4, 2))
+    # the reference's 51,710,336 less its weight-norm gains (one per coupling output)
+    assert 51_710_336 - 50_000 < count < 51_710_336
+
+
 def test_named_architectures_set_the_papers_sizes():
     from argparse import Namespace
 
@@ -391,7 +416,8 @@ def test_named_architectures_set_the_papers_sizes():
     assert (base.encoder_layers, base.flowseq_posterior_layers, base.decoder_layers) == (6, 4, 4)
     assert (base.flowseq_latent_dim, base.flowseq_prior_hidden) == (256, 512)  # the paper's base 256 / 512
     assert (large.flowseq_latent_dim, large.flowseq_prior_hidden, large.encoder_layers) == (512, 1024, 6)
-    assert flowseq_module.FlowSeqConfig().flowseq_prior_steps == "48,48,16"
+    # the reference implementation's 4, 4, 2 composite steps: the paper's 48, 48, 16 couplings
+    assert flowseq_module.FlowSeqConfig().flowseq_prior_steps == "4,4,2"
     # a flag given on the command line wins over the architecture's default
     given = Namespace(encoder_layers=2)
     flowseq_module.flowseq_base(given)

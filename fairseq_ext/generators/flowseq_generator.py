@@ -46,13 +46,20 @@ Choices the paper leaves open, and what this file does:
   several candidates) are dropped, keeping the best; ``alignment`` is an empty tensor, ``attention``
   None, ``steps`` 0.
 
-Memory grows as ``B*l*r x T x V`` (decoder log-probs of all candidates, and the teacher's); IWD adds
-no more, because its K posterior samples are drawn and scored one at a time over all candidates (a
-loop over K only).  Lower ``--batch-size`` / ``--max-tokens`` for large ``l*r``.
+Cost and memory:
+
+* the prior runs once over all N candidates, but every coupling projects the source keys and values
+  once per SENTENCE (``prior.source_memory``: the candidates of a sentence attend to them together),
+  and IWD's K prior passes reuse them; the multi-head linears' inverses are cached across batches
+  (recomputed only when the weights change);
+* decoder (and NPD teacher) log-probabilities are computed over chunks of candidates
+  (:func:`candidate_chunks`): at most ``DECODE_CHUNK_ELEMENTS`` log-probs, and with several candidates
+  per sentence at most B candidates, at a time, so no B x l x r x T x V tensor is ever held.  IWD
+  draws and scores its K posterior samples one at a time.
 
 The model API used (``fairseq_ext/models/flowseq.py``): ``encode``, ``length_log_probs``,
-``expand_source``, ``prior.sample``, ``prior.log_prob``, ``posterior``, ``decode``, ``length_unit``
-and ``latent_dim``.
+``expand_source``, ``prior.sample``, ``prior.log_prob`` (and ``prior.source_memory`` when the prior
+has it), ``posterior``, ``decode``, ``length_unit`` and ``latent_dim``.
 """
 import logging
 import math
@@ -68,6 +75,8 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 DECODING_CHOICES = ChoiceEnum(["argmax", "sample", "npd", "iwd"])
+# the most decoder log-probabilities (candidates x positions x vocabulary) held at once: 2^25 floats = 128 MiB
+DECODE_CHUNK_ELEMENTS = 1 << 25
 
 
 @dataclass
@@ -211,6 +220,44 @@ def select_lengths(log_probs: Tensor, lengths: Tensor, l: int, length_unit: int)
     return cand_lengths, top_lp, valid
 
 
+def candidate_chunks(n_rows: int, per_sentence: int, length: int, vocab: int,
+                     budget: int = DECODE_CHUNK_ELEMENTS) -> List[Tuple[int, int]]:  # fmt: skip
+    """Row ranges [a, b) covering N = ``n_rows`` candidates for the vocabulary-sized decoding steps.
+
+    Each holds at most ``budget`` log-probs (rows x ``length`` x ``vocab``; at least one row) and, when a
+    sentence has several candidates (``per_sentence`` > 1), at most N / per_sentence rows, so that the
+    l x r candidates of a batch never have their log-probabilities in memory all at once.
+    """
+    rows = max(1, budget // max(1, length * vocab))
+    if per_sentence > 1:
+        rows = min(rows, max(1, n_rows // per_sentence))
+    return [(a, min(a + rows, n_rows)) for a in range(0, n_rows, rows)]
+
+
+def decode_argmax(model, z: Tensor, mask: Tensor, src: Tensor, src_mask: Tensor, chunks, banned: List[int],
+                  pad: int) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`argmax_tokens` of ``model.decode`` over the rows of each chunk: tokens and their log-probs, N x T."""
+    tokens, token_lp = [], []
+    for a, b in chunks:
+        log_probs = model.decode(z[a:b], mask[a:b], src[a:b], src_mask[a:b]).float()  # rows x T x V
+        t, lp = argmax_tokens(log_probs, mask[a:b], banned, pad)
+        del log_probs
+        tokens.append(t)
+        token_lp.append(lp)
+    return torch.cat(tokens), torch.cat(token_lp)
+
+
+def decode_sequence_log_prob(model, z: Tensor, tokens: Tensor, mask: Tensor, src: Tensor, src_mask: Tensor,
+                             chunks) -> Tensor:  # fmt: skip
+    """:func:`sequence_log_prob` of ``model.decode`` over the rows of each chunk: N."""
+    out = []
+    for a, b in chunks:
+        log_probs = model.decode(z[a:b], mask[a:b], src[a:b], src_mask[a:b]).float()
+        out.append(sequence_log_prob(log_probs, tokens[a:b], mask[a:b]))
+        del log_probs
+    return torch.cat(out)
+
+
 def flatten_candidates(x: Tensor, r: int) -> Tensor:
     """B x l (x ...) -> (B*l*r) (x ...): each entry repeated for the r samples, sentence-major."""
     return x.repeat_interleave(r, dim=1).reshape(-1, *x.shape[2:])
@@ -311,11 +358,11 @@ def shift_right(hyp_tokens: Tensor, eos: int, pad: int) -> Tensor:
 
 
 def teacher_log_likelihood(teacher, src_tokens: Tensor, src_lengths: Tensor, new_order: Tensor, hyp_tokens: Tensor,
-                           eos: int, pad: int) -> Tensor:  # fmt: skip
+                           eos: int, pad: int, chunks=None) -> Tensor:  # fmt: skip
     """Teacher-forced token log-probs of every candidate under an autoregressive encoder-decoder.
 
     One encoder pass per sentence (reordered to the candidates with fairseq's ``reorder_encoder_out``)
-    and one decoder pass over all candidates.
+    and one decoder pass per chunk of candidates (``chunks``: row ranges; default all at once).
 
     Args:
         src_tokens: B x S, src_lengths: B (the sample's source).
@@ -325,11 +372,15 @@ def teacher_log_likelihood(teacher, src_tokens: Tensor, src_lengths: Tensor, new
         N x L log P_AR(y_t | y_<t, x), 0 at pad.
     """
     encoder_out = teacher.encoder(src_tokens, src_lengths=src_lengths)
-    encoder_out = teacher.encoder.reorder_encoder_out(encoder_out, new_order)
-    net_output = teacher.decoder(shift_right(hyp_tokens, eos, pad), encoder_out=encoder_out)
-    lprobs = teacher.get_normalized_probs(net_output, log_probs=True)  # N x L x V
-    picked = lprobs.gather(-1, hyp_tokens.unsqueeze(-1)).squeeze(-1).float()  # N x L
-    return picked.masked_fill(hyp_tokens.eq(pad), 0.0)
+    out = []
+    for a, b in chunks or [(0, hyp_tokens.size(0))]:
+        rows = hyp_tokens[a:b]
+        enc = teacher.encoder.reorder_encoder_out(encoder_out, new_order[a:b])
+        net_output = teacher.decoder(shift_right(rows, eos, pad), encoder_out=enc)
+        lprobs = teacher.get_normalized_probs(net_output, log_probs=True)  # rows x L x V
+        out.append(lprobs.gather(-1, rows.unsqueeze(-1)).squeeze(-1).float())  # rows x L
+        del lprobs, net_output
+    return torch.cat(out).masked_fill(hyp_tokens.eq(pad), 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -450,12 +501,17 @@ class FlowSeqGenerator(object):
         valid = flatten_candidates(valid, r)  # N
         mask = length_mask(lengths, int(lengths.max()))  # N x T
         src_n, src_mask_n = model.expand_source(src, src_mask, n)  # N x S x H, N x S
+        # the prior takes the B sentences once (their keys and values are projected per sentence)
+        if hasattr(model.prior, "source_memory"):
+            prior_src, prior_src_mask = model.prior.source_memory(src, src_mask), None
+        else:
+            prior_src, prior_src_mask = src_n, src_mask_n
+        chunks = candidate_chunks(mask.size(0), n, mask.size(1), len(self.tgt_dict))
 
         eps = base_noise(mask, model.latent_dim, r, self.temperature, self.mode == "iwd", src.dtype)  # N x T x F
-        z, _log_p_z = model.prior.sample(eps, mask, src_n, src_mask_n)  # N x T x F, N
-        log_probs = model.decode(z, mask, src_n, src_mask_n).float()  # N x T x V
-        tokens, token_lp = argmax_tokens(log_probs, mask, sorted({self.pad, self.bos}), self.pad)  # N x T
-        del log_probs
+        z, _log_p_z = model.prior.sample(eps, mask, prior_src, prior_src_mask)  # N x T x F, N
+        banned = sorted({self.pad, self.bos})
+        tokens, token_lp = decode_argmax(model, z, mask, src_n, src_mask_n, chunks, banned, self.pad)  # N x T
         hyp_tokens, hyp_scores, hyp_lengths = strip_eos_padding(tokens, token_lp, mask, self.eos, self.pad)
 
         if self.mode in ("argmax", "sample"):
@@ -465,25 +521,32 @@ class FlowSeqGenerator(object):
             teacher = self._teacher_on(src_tokens.device, z.dtype)
             new_order = torch.arange(bsz, device=src_tokens.device).repeat_interleave(n)  # N
             hyp_tokens = hyp_tokens[:, : int(hyp_lengths.max())]  # N x L
+            teacher_chunks = candidate_chunks(hyp_tokens.size(0), n, hyp_tokens.size(1), len(self.tgt_dict))
             hyp_scores = teacher_log_likelihood(
-                teacher, src_tokens, src_lengths, new_order, hyp_tokens, self.eos, self.pad
+                teacher, src_tokens, src_lengths, new_order, hyp_tokens, self.eos, self.pad, teacher_chunks
             )  # N x L
             ranking = hyp_scores.sum(dim=1)  # N: log P_AR(y | x), summed as Gu et al. 2018
             score = ranking / hyp_lengths
         else:  # iwd
-            log_lik = self._importance_weighted(model, tokens, mask, src_n, src_mask_n)  # N
+            log_lik = self._importance_weighted(
+                model, tokens, mask, src_n, src_mask_n, (prior_src, prior_src_mask), chunks
+            )  # N
             ranking = (log_lik + length_lp) / lengths  # N, per model position as the reference code
             score = ranking
         ranking = ranking.masked_fill(~valid, -math.inf)
         return self._hypotheses(bsz, n, ranking, score, hyp_tokens, hyp_scores, hyp_lengths, valid)
 
-    def _importance_weighted(self, model, tokens: Tensor, mask: Tensor, src: Tensor, src_mask: Tensor) -> Tensor:
-        """IWD's log P(y|x) estimate for N candidates; the K posterior samples are drawn one at a time (memory)."""
+    def _importance_weighted(self, model, tokens: Tensor, mask: Tensor, src: Tensor, src_mask: Tensor, prior_src,
+                             chunks) -> Tensor:  # fmt: skip
+        """IWD's log P(y|x) estimate for N candidates; the K posterior samples are drawn one at a time (memory).
+
+        ``src``/``src_mask``: expanded to the N candidates; ``prior_src``: what the prior takes (its source
+        memory of the B sentences, shared by the K prior passes)."""
         weights = []
         for _ in range(self.iwd_samples):
             z, log_q = model.posterior(tokens, mask, src, src_mask, 1, random=True)  # N x T x F, N
-            log_p_z = model.prior.log_prob(z, mask, src, src_mask)  # N
-            log_p_y = sequence_log_prob(model.decode(z, mask, src, src_mask).float(), tokens, mask)  # N
+            log_p_z = model.prior.log_prob(z, mask, *prior_src)  # N
+            log_p_y = decode_sequence_log_prob(model, z, tokens, mask, src, src_mask, chunks)  # N
             weights.append((log_p_y, log_p_z.float(), log_q.float()))
         log_p_y, log_p_z, log_q = (torch.stack(w, dim=1) for w in zip(*weights))  # N x K each
         return importance_weighted_log_likelihood(log_p_y, log_p_z, log_q)

@@ -16,8 +16,10 @@ features, V target vocabulary, C length classes):
 * posterior q(z|y,x): scaled target embeddings, whole-token dropout, positions, unmasked
   ``TransformerDecoderLayerBase`` layers (no ``self_attn_mask``) attending to the source, and
   ZERO-initialised linear heads for mu and log sigma^2, so that q starts as N(0, I) (section 3.2);
-* prior p(z|x): the multi-scale Glow-style flow of section 3.4
-  (``fairseq_ext.modules.flow_prior.MultiScalePrior``);
+* prior p(z|x): the multi-scale Glow-style flow of section 3.4 in the reference implementation's
+  layout and sizes (``fairseq_ext.modules.flow_prior.MultiScalePrior``; ``--flowseq-prior-steps``
+  counts its composite steps, 4,4,2 as the reference); a checkpoint of this package's earlier prior
+  layout is refused on loading with a message saying so;
 * decoder P(y|z,x): z projected to D, positional attention (query = positional encodings, keys =
   z + positional encodings, values = z), or z + positions (``--flowseq-decoder-positions``),
   unmasked Transformer layers attending to the source, and an output projection (tied to the
@@ -75,6 +77,8 @@ from fairseq.utils import safe_getattr
 from omegaconf import II
 from torch import Tensor, nn
 
+from fairseq_ext.modules.flow_prior import LEGACY_PRIOR_KEYS, MultiScalePrior
+
 logger = logging.getLogger(__name__)
 
 POSITIONS_CHOICES = ChoiceEnum(["attn", "attn_z_keys", "add"])
@@ -84,6 +88,14 @@ WRONG_TASK = (
     "--task translation_flowseq (e.g. --flowseq-decoding argmax)"
 )
 LOG_2PI = math.log(2.0 * math.pi)
+MAX_PRIOR_STEPS = 16
+OLD_PRIOR_LAYOUT = (
+    "this FlowSeq checkpoint has the earlier prior layout (one coupling per flow step, coupling networks at "
+    "--flowseq-prior-hidden width; --flowseq-prior-steps counted couplings, e.g. 48,48,16), which this version "
+    "no longer builds: the prior now has the reference implementation's layout and sizes, where "
+    "--flowseq-prior-steps counts composite steps (4,4,2 = the paper's 48, 48, 16 couplings). Retrain the model "
+    "(or decode it with the fairseq_ext version that trained it)"
+)
 
 
 @dataclass
@@ -165,16 +177,24 @@ class FlowSeqConfig(FairseqDataclass):
     )
     flowseq_prior_hidden: int = field(
         default=512,
-        metadata={"help": "hidden width of the prior flow's coupling networks (the paper's d_hidden: 512 base, 1024 large)"},
+        metadata={
+            "help": "feed-forward width inside the prior flow's coupling networks, which otherwise work at the "
+            "width of the half they condition on (the paper's d_hidden: 512 base, 1024 large)"
+        },
     )
     flowseq_prior_heads: int = field(
-        default=8, metadata={"help": "attention heads of the coupling networks and of the invertible multi-head linears"}
+        default=8,
+        metadata={
+            "help": "attention heads of the coupling networks (latent-dim / 2 must be divisible by it); the "
+            "invertible multi-head linears use heads of 32, 16 or 8 channels as the reference"
+        },
     )
     flowseq_prior_steps: str = field(
-        default="48,48,16",
+        default="4,4,2",
         metadata={
-            "help": "comma-separated steps of flow per scale, bottom to top (paper: 48,48,16); L scales give "
-            "target lengths a multiple of 2^(L-1)"
+            "help": "comma-separated flow steps per scale, bottom to top, in the reference implementation's layout "
+            "(a step is actnorm, linear, 4-6 couplings, actnorm, linear, 4-6 couplings: 4,4,2 are the paper's 48, 48, "
+            f"16 couplings); L scales give target lengths a multiple of 2^(L-1); at most {MAX_PRIOR_STEPS} per scale"
         },
     )
     flowseq_prior_dropout: float = field(
@@ -457,8 +477,6 @@ class FlowSeqLengthPredictor(nn.Module):
 
 
 def _build_prior(cfg: FlowSeqConfig, steps: List[int]):
-    from fairseq_ext.modules.flow_prior import MultiScalePrior
-
     return MultiScalePrior(
         features=cfg.flowseq_latent_dim,
         src_features=cfg.encoder_embed_dim,
@@ -472,18 +490,26 @@ def _build_prior(cfg: FlowSeqConfig, steps: List[int]):
 def check_flowseq_config(cfg: FlowSeqConfig) -> List[int]:
     """Refuses impossible settings before anything is built; returns the prior steps per scale."""
     steps = parse_prior_steps(cfg.flowseq_prior_steps)
+    if max(steps) > MAX_PRIOR_STEPS:
+        raise ValueError(
+            f"--flowseq-prior-steps {cfg.flowseq_prior_steps}: at most {MAX_PRIOR_STEPS} steps per scale (each "
+            "step holds 8-12 couplings; the reference uses 4,4,2). If this comes from a saved checkpoint: "
+            + OLD_PRIOR_LAYOUT
+        )
     unit = length_unit_for_levels(len(steps))
     if cfg.flowseq_length_range < max(1, unit - 1):
         raise ValueError(
             f"--flowseq-length-range must be >= {max(1, unit - 1)} (length_unit - 1 for {len(steps)} prior "
             f"scales, so that every source length has a target length class), got {cfg.flowseq_length_range}"
         )
-    heads = cfg.flowseq_prior_heads
-    if cfg.flowseq_latent_dim % 2 or cfg.flowseq_latent_dim % heads or cfg.flowseq_prior_hidden % heads:
+    heads, latent = cfg.flowseq_prior_heads, cfg.flowseq_latent_dim
+    if heads < 1 or latent % (2 * heads) or (latent >= 8 and latent % 8):
         raise ValueError(
-            f"--flowseq-latent-dim ({cfg.flowseq_latent_dim}) must be even and, like --flowseq-prior-hidden "
-            f"({cfg.flowseq_prior_hidden}), divisible by --flowseq-prior-heads ({heads})"
+            f"--flowseq-latent-dim ({latent}) must be divisible by 2 x --flowseq-prior-heads ({heads}): the channel "
+            "couplings attend at half the latent width; and, when >= 8, by 8 (the multi-head linears' heads)"
         )
+    if cfg.flowseq_prior_hidden < 1:
+        raise ValueError(f"--flowseq-prior-hidden must be >= 1, got {cfg.flowseq_prior_hidden}")
     for dim_heads in ("encoder_attention_heads", "decoder_attention_heads"):
         if cfg.encoder_embed_dim % getattr(cfg, dim_heads):
             raise ValueError(
@@ -564,6 +590,13 @@ class FlowSeqModel(BaseFairseqModel):
                 f"{length_unit_for_levels(len(steps))} for --flowseq-prior-steps {cfg.flowseq_prior_steps}"
             )
         return model
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """fairseq's load, refusing a checkpoint of the earlier prior layout with a message saying so
+        (rather than a list of missing and unexpected keys)."""
+        if any(key.startswith(LEGACY_PRIOR_KEYS) for key in state_dict):
+            raise ValueError("flowseq: " + OLD_PRIOR_LAYOUT)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     # -- properties -----------------------------------------------------------------------------
     @property
