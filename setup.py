@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["fairseq_ext", "fairseq_ext.*"]),
     python_requires=">=3.9",
     install_requires=["editdistance"],  # the "edit" task loss; fairseq itself is installed by scripts/install.sh
-    # optional: the figures of bench/plot_mh_stats.py (pip install .[plot]); nothing else imports it
+    # optional: the benchmarks' figures (pip install .[plot]); the package and its tests never import it
     extras_require={"plot": ["matplotlib"]},
     entry_points={"console_scripts": ["fairseq-ext-demo=fairseq_ext.demo:main"]},
 )
