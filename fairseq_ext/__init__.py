@@ -17,6 +17,10 @@ install_clean_exit()
 
 # Registering modules, one per line (fairseq auto-imports only models/ and tasks/ of a user dir).
 from fairseq_ext.criterions import differentiable_ss  # noqa: E402,F401
+from fairseq_ext.criterions import energy_kl_projection  # noqa: E402,F401
+from fairseq_ext.criterions import energy_likelihood  # noqa: E402,F401
+from fairseq_ext.criterions import energy_mlm  # noqa: E402,F401
+from fairseq_ext.criterions import energy_pseudolikelihood  # noqa: E402,F401
 from fairseq_ext.criterions import flowseq_loss  # noqa: E402,F401
 from fairseq_ext.criterions import mgs  # noqa: E402,F401
 from fairseq_ext.criterions import mrt  # noqa: E402,F401
@@ -25,6 +29,7 @@ from fairseq_ext.criterions import policy_gradient  # noqa: E402,F401
 from fairseq_ext.criterions import self_normalized_cross_entropy  # noqa: E402,F401
 from fairseq_ext.criterions import sequential_ss  # noqa: E402,F401
 from fairseq_ext.criterions import soft_beam_loss  # noqa: E402,F401
+from fairseq_ext.models import energy_mlm  # noqa: E402,F401
 from fairseq_ext.models import flowseq  # noqa: E402,F401
 from fairseq_ext.models import seq2seq_tagger  # noqa: E402,F401
 from fairseq_ext.scoring import span_f1  # noqa: E402,F401

@@ -103,10 +103,10 @@ def energy_terms(logits: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
         logits: R x V raw output scores at a masked position (model dtype).
         targets: R the token of the sequence at that position.
     Returns:
-        (local R, raw R) in float32: ``-log softmax(logits)[y_t]`` (6.2.4) and ``-logits[y_t]`` (6.2.1).
-        E_local's softmax is the model's own, over its whole output vocabulary.
+        (local R, raw R) in float32 (float64 logits stay float64): ``-log softmax(logits)[y_t]`` (6.2.4) and
+        ``-logits[y_t]`` (6.2.1).  E_local's softmax is the model's own, over its whole output vocabulary.
     """
-    logits = logits.float()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # R
     local = torch.logsumexp(logits, dim=-1) - picked  # R
     return local, -picked
