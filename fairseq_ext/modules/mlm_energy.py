@@ -241,7 +241,7 @@ def masked_conditionals(mlm, tokens: Tensor, contexts: Tensor, lengths: Tensor,
     raw = torch.zeros(c, length, device=tokens.device)
     for r, k, logits in parts:
         table[r, k] = logits.to(dtype)
-        local[r, k], raw[r, k] = energy_terms(logits, tokens[r, k])
+        local[r, k], raw[r, k] = (term.float() for term in energy_terms(logits, tokens[r, k]))
     return EnergyCache(table, local, raw)
 
 
@@ -255,7 +255,7 @@ def masked_terms(mlm, tokens: Tensor, contexts: Tensor, lengths: Tensor) -> Tupl
     raw = torch.zeros(c, length, device=tokens.device)
     if rows.numel():
         logits = mlm(copies, contexts.index_select(0, rows), cols.unsqueeze(1))[:, 0]  # R x V
-        local[rows, cols], raw[rows, cols] = energy_terms(logits, tokens[rows, cols])
+        local[rows, cols], raw[rows, cols] = (term.float() for term in energy_terms(logits, tokens[rows, cols]))
     return local, raw
 
 
