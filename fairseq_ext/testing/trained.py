@@ -93,3 +93,14 @@ def train_tagger(data_bin: str, save_dir: str) -> SimpleNamespace:
     log = cli.train(data_bin, save_dir, TAGGER_FLAGS)
     return SimpleNamespace(data_bin=data_bin, save_dir=save_dir, log=log,
                            checkpoint=os.path.join(save_dir, "checkpoint_best.pt"))  # fmt: skip
+
+
+def fine_tune(mle: SimpleNamespace, save_dir: str, flags: List[str], lr: str = "0.0005") -> str:
+    """Trains from ``mle`` (a :func:`train_reverse_variant` run) with fresh optimizer, data loader, meters and
+    schedule, as sequence-level methods are fine-tuned from an MLE model; returns the log after checking
+    that fairseq really loaded the checkpoint (``--restore-file`` silently starts from scratch otherwise)."""
+    restore = ["--restore-file", mle.checkpoint, "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+               "--reset-lr-scheduler", "--lr", lr]  # fmt: skip
+    log = cli.train(mle.data_bin, save_dir, list(flags) + restore)
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt", log), log[-3000:]
+    return log
