@@ -38,7 +38,7 @@ def train(data_bin, save_dir, criterion, extra=()):
     return rows
 
 
-def improved(rows, metric, by):
+def assert_improved(rows, metric, by):
     first, last = rows[0][COLUMN[metric]], rows[-1][COLUMN[metric]]
     assert last < first - by, (metric, first, last)
 
@@ -52,20 +52,20 @@ def mlm_run(data_bin, tmp_path_factory):
 def test_likelihood(data_bin, tmp_path):
     rows = train(data_bin, str(tmp_path), "energy_likelihood", ["--energy-batch-rows", "1024"])
     assert all(abs(r[0] - r[3]) < 1e-3 for r in rows)  # its loss is the exact NLL
-    improved(rows, "exact_nll", 0.3)
+    assert_improved(rows, "exact_nll", 0.3)
 
 
 def test_pseudolikelihood(data_bin, tmp_path):
-    improved(train(data_bin, str(tmp_path), "energy_pseudolikelihood"), "pseudo_nll", 0.3)
+    assert_improved(train(data_bin, str(tmp_path), "energy_pseudolikelihood"), "pseudo_nll", 0.3)
 
 
 def test_mlm(mlm_run):
-    improved(mlm_run[1], "mlm_nll", 0.5)
+    assert_improved(mlm_run[1], "mlm_nll", 0.5)
 
 
 def test_kl_projection_from_the_mlm(data_bin, mlm_run, tmp_path):
     teacher = os.path.join(mlm_run[0], "checkpoint_last.pt")
     rows = train(data_bin, str(tmp_path), "energy_kl_projection",
                  ["--energy-teacher-path", teacher, "--energy-pll-weight", "1.0"])  # fmt: skip
-    improved(rows, "loss", 0.2)
-    improved(rows, "pseudo_nll", 0.2)
+    assert_improved(rows, "loss", 0.2)
+    assert_improved(rows, "pseudo_nll", 0.2)
