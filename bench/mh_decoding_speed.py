@@ -7,7 +7,9 @@ length T in ``--lengths`` (one sentence, one chain, E_local, single-site proposa
 
 * cached   ``MetropolisHastingsSampler.run_epoch``: the proposal is read from the cached masked
            conditionals of the current state; the T - 1 new single-masked passes of each proposed state go
-           through the decoder as one batch (T calls, <= T (T - 1) rows per epoch);
+           through the decoder as one batch (T calls, <= T (T - 1) rows per epoch), by the positions-only
+           path (source keys and values once per sentence, the last layer at the masked position only);
+* cached_fairseq  the same sampler with every pass through fairseq's ``extract_features``;
 * naive    Algorithm 4 line by line, no cache, one sequence per decoder call: per position, T passes for
            E_old, one for the proposal, T for E_new (T (2T + 1) calls and rows per epoch);
 * mask-predict  one iteration of fairseq's ``CMLMNATransformerModel.forward_decoder`` (one pass of the
@@ -127,11 +129,37 @@ def naive_epoch(model, encoder_out, tokens, banned, gen):
     return calls
 
 
+def time_cached(cli, model, encoder_out, tokens, length, banned, positions_only):
+    """Median time and decoder work per chain of one epoch of the cached sampler (after a warm-up epoch)."""
+    from fairseq_ext.modules.metropolis_hastings import MetropolisHastingsSampler, SamplerSettings
+    from fairseq_ext.modules.mlm_energy import CMLMMaskedLM, PassCounter
+
+    counter = PassCounter()
+    mlm = CMLMMaskedLM(model, encoder_out, counter=counter, positions_only=positions_only)
+    settings = SamplerSettings(sampler="mh", energy="local", burn_in_epochs=cli.repeats + 1, sample_epochs=0,
+                               seed=cli.seed)  # fmt: skip
+    sampler = MetropolisHastingsSampler(mlm, settings, banned)
+    n = cli.chains
+    ids = torch.stack([torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.arange(n)], 1)
+    chains = sampler.start(tokens.repeat(n, 1), torch.full((n,), length), torch.zeros(n, dtype=torch.long), ids)
+    sampler.run_epoch(chains, 1)  # warm-up
+    times, rows, calls, acc = [], [], [], []
+    for e in range(2, cli.repeats + 2):
+        before = (counter.rows, counter.calls)
+        holder = {}
+        times.append(timed(lambda: holder.update(sampler.run_epoch(chains, e))))
+        rows.append(counter.rows - before[0])
+        calls.append(counter.calls - before[1])
+        acc.append(holder["acceptance_rate"])
+    return {"wall": statistics.median(t[0] for t in times) / n, "cpu": statistics.median(t[1] for t in times) / n,
+            "rows": statistics.median(rows) / n, "calls": statistics.median(calls),
+            "acceptance": statistics.median(acc)}  # fmt: skip
+
+
 def measure(cli, task, model, length):
     from fairseq.iterative_refinement_generator import DecoderOut
 
-    from fairseq_ext.modules.metropolis_hastings import MetropolisHastingsSampler, SamplerSettings
-    from fairseq_ext.modules.mlm_energy import CMLMMaskedLM, PassCounter, layout_tokens
+    from fairseq_ext.modules.mlm_energy import layout_tokens
 
     d = task.tgt_dict
     gen = torch.Generator().manual_seed(cli.seed + length)
@@ -143,28 +171,9 @@ def measure(cli, task, model, length):
     with torch.no_grad():
         encoder_out = model.encoder(src, src_lengths=torch.tensor([length + 1]))
         tokens = layout_tokens(words, torch.tensor([length]), d.bos(), d.eos(), d.pad())
-        # cached, batched sampler
-        counter = PassCounter()
-        mlm = CMLMMaskedLM(model, encoder_out, counter=counter)
-        settings = SamplerSettings(sampler="mh", energy="local", burn_in_epochs=cli.repeats + 1, sample_epochs=0,
-                                   seed=cli.seed)  # fmt: skip
-        sampler = MetropolisHastingsSampler(mlm, settings, banned)
-        n = cli.chains
-        ids = torch.stack([torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), torch.arange(n)], 1)
-        chains = sampler.start(tokens.repeat(n, 1), torch.full((n,), length), torch.zeros(n, dtype=torch.long), ids)
-        sampler.run_epoch(chains, 1)  # warm-up
-        times, rows, calls, acc = [], [], [], []
-        for e in range(2, cli.repeats + 2):
-            before = (counter.rows, counter.calls)
-            holder = {}
-            times.append(timed(lambda: holder.update(sampler.run_epoch(chains, e))))
-            rows.append(counter.rows - before[0])
-            calls.append(counter.calls - before[1])
-            acc.append(holder["acceptance_rate"])
-        out["cached"] = {"wall": statistics.median(t[0] for t in times) / n,
-                         "cpu": statistics.median(t[1] for t in times) / n,
-                         "rows": statistics.median(rows) / n, "calls": statistics.median(calls),
-                         "acceptance": statistics.median(acc)}  # fmt: skip
+        # cached, batched sampler: the positions-only decoder path, and fairseq's extract_features
+        out["cached"] = time_cached(cli, model, encoder_out, tokens, length, banned, positions_only=True)
+        out["cached_fairseq"] = time_cached(cli, model, encoder_out, tokens, length, banned, positions_only=False)
         # naive Algorithm 4
         times, ncalls = [], 0
         for _ in range(cli.naive_repeats):
@@ -201,9 +210,11 @@ def render(cli, results, command, elapsed):
     ]
     for r in results:
         t = r["length"]
-        formulas = {"cached": f"<= T(T-1) = {t * (t - 1)} rows in T = {t} calls",
+        formulas = {"cached": f"<= T(T-1) = {t * (t - 1)} rows in T = {t} calls", "cached_fairseq": "as cached",
                     "naive": f"T(2T+1) = {t * (2 * t + 1)}", "mask_predict": "1 (x iterations)"}  # fmt: skip
-        for name in ("cached", "naive", "mask_predict"):
+        for name in ("cached", "cached_fairseq", "naive", "mask_predict"):
+            if name not in r:  # logs written before the cached_fairseq variant existed
+                continue
             v = r[name]
             lines.append(f"| {t} | {name} | {v['calls']:.0f} | {v['rows']:.0f} | {formulas[name]} "
                          f"| {1000 * v['wall']:.1f} | {1000 * v['cpu']:.1f} |")  # fmt: skip
@@ -214,14 +225,20 @@ def render(cli, results, command, elapsed):
               "(a factor of about 2, tending to 2 as T grows); (2) one decoder call per proposal instead of one "
               "per row (call overhead: large on a GPU, small on one CPU thread, where time is FLOP-bound); (3) the "
               "output layer applied at the masked position only (1/L of its cost; the naive loop, like fairseq's "
-              "decoder call, projects every position).  On one CPU thread the ratio is therefore bounded by about "
-              "2 x the per-row saving of (3), which grows with the vocabulary.", ""]
+              "decoder call, projects every position); (4) the positions-only decoder path "
+              "(fairseq_ext/modules/masked_position_decoder.py): the source's keys and values projected once per "
+              "sentence instead of once per row and layer, and the last layer's queries, cross-attention and "
+              "feed-forward block run at the masked position only (the row `cached_fairseq` is the same sampler "
+              "through fairseq's extract_features, without (4)).", ""]
     for r in results:
         t = r["length"]
         target = f">= {TARGET_RATIO:g}" if t == TARGET_LENGTH else ""
         lines += [f"### length {t}", "", "| ratio of time per epoch | wall | CPU | target |", "|---|---:|---:|---|"]
         c, n, m = r["cached"], r["naive"], r["mask_predict"]
         lines.append(f"| naive / cached | {n['wall'] / c['wall']:.3f} | {n['cpu'] / c['cpu']:.3f} | {target} |")
+        if "cached_fairseq" in r:
+            f = r["cached_fairseq"]
+            lines.append(f"| cached_fairseq / cached | {f['wall'] / c['wall']:.3f} | {f['cpu'] / c['cpu']:.3f} | |")
         lines.append(f"| cached / mask_predict | {c['wall'] / m['wall']:.3f} | {c['cpu'] / m['cpu']:.3f} | |")
         lines.append("")
     return "\n".join(lines)
@@ -238,9 +255,11 @@ def plot(results, path):
         return None
     lengths = [r["length"] for r in results]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, label in (("naive", "Algorithm 4, no cache"), ("cached", "cached, batched"),
+    for name, label in (("naive", "Algorithm 4, no cache"), ("cached_fairseq", "cached, batched (fairseq decoder)"),
+                        ("cached", "cached, batched, positions-only"),
                         ("mask_predict", "one mask-predict iteration")):  # fmt: skip
-        ax.plot(lengths, [1000 * r[name]["wall"] for r in results], marker="o", label=label)
+        if all(name in r for r in results):
+            ax.plot(lengths, [1000 * r[name]["wall"] for r in results], marker="o", label=label)
     ax.set_xlabel("target length T")
     ax.set_ylabel("ms per epoch (wall)")
     ax.set_yscale("log")

@@ -35,6 +35,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fairseq_ext.modules import masked_position_decoder
+
 ENERGY_KINDS = ("local", "raw")
 
 
@@ -127,6 +129,10 @@ class CMLMMaskedLM:
 
     The decoder's features are projected onto the vocabulary at the requested positions only (the same
     numbers as ``decoder(normalize=False, ...)`` gathered there, at 1/L of the output layer's cost).
+    Where the decoder allows it (:func:`masked_position_decoder.unsupported_reason`), the source's keys
+    and values are projected once per sentence and the last layer runs at the requested positions only
+    (``fairseq_ext/modules/masked_position_decoder.py``: the same numbers, less work); otherwise every
+    chunk goes through fairseq's ``extract_features``.
 
     Args:
         model: the CMLM (eval mode; called under ``torch.no_grad`` by the caller).
@@ -135,16 +141,29 @@ class CMLMMaskedLM:
         max_tokens_per_pass: at most this many decoder tokens (rows x padded length) per forward call;
             None = every row in one call.  A single row longer than it is decoded alone.
         counter: where decoder calls, rows and tokens are counted.
+        positions_only: use the positions-only path when the decoder supports it (False: always
+            fairseq's ``extract_features``, the reference the fast path is tested and benchmarked against).
     """
 
     def __init__(self, model, encoder_out, max_tokens_per_pass: Optional[int] = None,
-                 counter: Optional[PassCounter] = None):  # fmt: skip
+                 counter: Optional[PassCounter] = None, positions_only: bool = True):  # fmt: skip
         self.model = model
         self.encoder_out = encoder_out
         self.max_tokens = max_tokens_per_pass
         self.counter = counter if counter is not None else PassCounter()
         self.mask_idx = model.unk
         self.pad = model.pad
+        fast = positions_only and masked_position_decoder.unsupported_reason(model.decoder) is None
+        self.source = masked_position_decoder.SourceCache(model.decoder, encoder_out) if fast else None
+
+    def features(self, tokens: Tensor, contexts: Tensor, positions: Tensor) -> Tensor:
+        """tokens r x L, contexts r, positions r x K -> the decoder's features r x K x D there."""
+        if self.source is not None:
+            key_values, source_pad = self.source.rows(contexts)
+            return masked_position_decoder.features_at(self.model.decoder, tokens, positions, key_values, source_pad)
+        enc = self.model.encoder.reorder_encoder_out(self.encoder_out, contexts)
+        features, _ = self.model.decoder.extract_features(tokens, encoder_out=enc)  # r x L x D
+        return features.gather(1, positions.unsqueeze(-1).expand(-1, -1, features.size(-1)))
 
     def __call__(self, tokens: Tensor, contexts: Tensor, positions: Tensor) -> Tensor:
         """tokens R x L, contexts R, positions R x K -> logits R x K x V at those positions."""
@@ -155,12 +174,8 @@ class CMLMMaskedLM:
         for start in range(0, r, per_call):
             end = min(r, start + per_call)
             width = int(real_len[start:end].max())  # trim the chunk's common padding
-            chunk = tokens[start:end, :width]
-            enc = self.model.encoder.reorder_encoder_out(self.encoder_out, contexts[start:end])
-            features, _ = self.model.decoder.extract_features(chunk, encoder_out=enc)  # r' x L' x D
+            picked = self.features(tokens[start:end, :width], contexts[start:end], positions[start:end])  # r' x K x D
             self.counter.add(end - start, width)
-            pos = positions[start:end]  # r' x K
-            picked = features.gather(1, pos.unsqueeze(-1).expand(-1, -1, features.size(-1)))  # r' x K x D
             out.append(self.model.decoder.output_layer(picked))  # r' x K x V: projected at the K positions only
         if not out:
             return tokens.new_zeros(0, positions.size(1), 0).float()
