@@ -142,3 +142,33 @@ def test_end_to_end_from_an_mle_checkpoint(reverse_checkpoints, tmp_path):
     assert [u for u, _ in baselines] == [1, 2, 3] and all(-1.0 <= v <= 0.0 for _, v in baselines)
     out = cli.generate(mle.data_bin, os.path.join(save_dir, "checkpoint_last.pt"))  # every sentence decoded
     assert len(cli.hypotheses(out)) == cli.count_lines(mle.data_bin, "test")
+
+
+@pytest.mark.slow
+def test_two_workers_equal_one_worker_on_the_same_global_batch(reverse_data_bin, tmp_path):
+    # Samples come from one stream per (seed, update, micro-batch) drawn over the whole batch, so 2 workers'
+    # shards draw other (equally distributed) samples than 1 worker's batch. --pg-sampling-topk 1 makes every
+    # sample the greedy decode: what is left to compare is the plumbing, i.e. the baseline's mean over every
+    # worker's samples (all-reduced) and the gradient's normalisation by the global number of sentences.
+    # --curriculum keeps the batch order; 8 sentences per update either way; --max-len-ratio 10 lets no
+    # decode be cut at the shard's (shorter) longest target instead of the batch's.
+    flags = COMMON + ["--pg-task-loss", "edit", "--pg-num-samples", "2", "--pg-sampling-topk", "1",
+                      "--pg-baseline-decay", "0.5", "--pg-mle-weight", "0.3", "--pg-max-len-ratio", "10"] + [
+        "--max-tokens", "100000", "--curriculum", "100", "--required-batch-size-multiple", "1",
+        "--optimizer", "sgd", "--lr", "0.5", "--max-update", "3", "--no-epoch-checkpoints",
+    ]  # fmt: skip
+    single_dir, double_dir = str(tmp_path / "single"), str(tmp_path / "double")
+    single = cli.run_cli("fairseq-train", cli.train_args(reverse_data_bin, single_dir, flags + ["--batch-size", "8"]))
+    double = cli.train_distributed(reverse_data_bin, double_dir, flags + ["--batch-size", "4"], tmp_path)[0]
+    assert "training on 2 devices" in double, double[-3000:]
+    for key in ("loss", "pg_reward", "pg_baseline", "pg_cost_best", "pg_nonterm", "bsz"):
+        assert [u for u, _ in logged(double, key)] == [u for u, _ in logged(single, key)] == [1, 2, 3]
+        assert [v for _, v in logged(double, key)] == pytest.approx([v for _, v in logged(single, key)], abs=2e-4), key
+    assert [v for _, v in logged(single, "bsz")] == [8.0, 8.0, 8.0]
+    rewards = [v for _, v in logged(single, "pg_reward")]
+    assert len({round(v, 4) for v in rewards}) > 1 or rewards[0] != 0.0  # the rewards are not all trivial
+    a, b = checkpoint(single_dir), checkpoint(double_dir)
+    assert torch.equal(a["criterion"]["baseline.state"], b["criterion"]["baseline.state"])  # all-reduced mean
+    diff = max(float((a["model"][k].double() - b["model"][k].double()).abs().max()) for k in a["model"])
+    print(f"policy_gradient, 2 workers vs 1 worker on the same global batch: max |dW| = {diff!r}")
+    assert diff < 1e-5

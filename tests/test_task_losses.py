@@ -129,13 +129,13 @@ def test_registering_a_loss_and_the_registry_errors():
 
 
 # -- the lm loss: a frozen fairseq language model ------------------------------------------------------
-def save_tiny_checkpoint(directory, arch, num_symbols):
+def save_tiny_checkpoint(directory, arch, num_symbols, lm_task="language_modeling"):
     """A fairseq checkpoint (cfg + model weights, as fairseq saves them) of an untrained tiny ``arch``."""
     data_dir = os.path.join(directory, f"data_{arch}_{num_symbols}")
     lm = arch.endswith("_lm")
     tiny.write_dictionary(data_dir, num_symbols, ("dict.txt",) if lm else ("dict.src.txt", "dict.tgt.txt"))
     if lm:
-        task_flags = ["--task", "language_modeling", "--tokens-per-sample", "32"]
+        task_flags = ["--task", lm_task, "--tokens-per-sample", "32"]
     else:
         task_flags = ["--task", "translation", "-s", "src", "-t", "tgt"]
     argv = [data_dir, "--user-dir", USER_DIR, "--cpu", "--arch", arch, *task_flags, *tiny.TINY_ARCH_FLAGS[arch]]
@@ -145,7 +145,7 @@ def save_tiny_checkpoint(directory, arch, num_symbols):
     torch.manual_seed(0)
     model = task.build_model(args)
     cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(args), resolve=True, enum_to_str=True)
-    path = os.path.join(directory, f"{arch}_{num_symbols}.pt")
+    path = os.path.join(directory, f"{arch}_{num_symbols}_{lm_task if lm else 'translation'}.pt")
     history = [{"criterion_name": "CrossEntropyCriterion", "optimizer_name": "Adam", "num_updates": 0,
                 "lr_scheduler_state": {}}]  # fairseq's loader reads the last entry
     state = {"cfg": cfg, "args": None, "model": model.state_dict(), "optimizer_history": history, "extra_state": {}}
@@ -192,3 +192,15 @@ def test_lm_scorer_refuses_other_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="--mgs-lm-scorer-path"):
         compute_task_loss("lm", TaskLossBatch([[4]], [True], [[4]], dictionary=d))
     assert math.isfinite(LanguageModelScorer.from_checkpoint(lm, d).nll([[4]], [True])[0])
+
+
+def test_a_text_completion_checkpoint_scores_as_its_language_model(tmp_path):
+    """MGS-LM's scorer is usually the MLE model of the same text_completion run: it reads [EOS] + prefix +
+    continuation like a language_modeling model, so it is accepted and scores with the same weights."""
+    lm, lm_task, _ = save_tiny_checkpoint(str(tmp_path), "transformer_lm", 8)
+    tc, _, _ = save_tiny_checkpoint(str(tmp_path), "transformer_lm", 8, lm_task="text_completion")
+    d = lm_task.source_dictionary
+    args = ([[4, 5], [6]], [True, False], [[7], []])
+    assert LanguageModelScorer.from_checkpoint(tc, d).nll(*args) == pytest.approx(
+        LanguageModelScorer.from_checkpoint(lm, d).nll(*args), rel=1e-6
+    )

@@ -237,9 +237,12 @@ class LanguageModelScorer:
         self.max_positions = _max_positions(model)
         self._warned_truncation = False
 
+    SCORER_TASKS = ("language_modeling", "text_completion")  # both train the model on [EOS] + prefix + continuation
+
     @classmethod
     def from_checkpoint(cls, path: str, dictionary, flag: str = "--mgs-lm-scorer-path") -> "LanguageModelScorer":
-        """Loads a ``--task language_modeling`` checkpoint whose vocabulary is ``dictionary``.
+        """Loads a ``--task language_modeling`` or ``--task text_completion`` checkpoint (a language model that
+        reads ``[EOS] + prefix + continuation``, the layout scored here) whose vocabulary is ``dictionary``.
 
         Raises (naming ``flag``) for a missing file, a checkpoint of another kind (a translation model,
         ...) or a vocabulary of another size.
@@ -259,10 +262,11 @@ class LanguageModelScorer:
         task_name = getattr(cfg.task, "_name", None)
         arch = getattr(cfg.model, "_name", None) or getattr(cfg.model, "arch", None)
         model_class = ARCH_MODEL_REGISTRY.get(arch) or MODEL_REGISTRY.get(arch)
-        if task_name != "language_modeling" or model_class is None or not issubclass(model_class, FairseqLanguageModel):
+        if task_name not in cls.SCORER_TASKS or model_class is None or not issubclass(model_class, FairseqLanguageModel):
             raise CheckpointKindError(
                 f"{flag} {path} holds a --task {task_name} / --arch {arch} model; the lm task loss needs a language "
-                "model trained with --task language_modeling (e.g. --arch transformer_lm) on the target dictionary"
+                "model trained with --task language_modeling or text_completion (e.g. --arch transformer_lm) on the target "
+                "dictionary"
             )
         task = LanguageModelingTask(cfg.task, dictionary, output_dictionary=dictionary)
         model = task.build_model(cfg.model)
