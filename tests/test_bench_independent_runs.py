@@ -1,19 +1,12 @@
 """bench/independent_runs.py: the ratio rows of several runs are read back and summarised by median and range."""
-import importlib.util
-import os
-
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from fairseq_ext.testing import cli
 
 
 @pytest.fixture(scope="module")
 def independent_runs():
-    path = os.path.join(os.path.dirname(HERE), "bench", "independent_runs.py")
-    spec = importlib.util.spec_from_file_location("independent_runs", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli.bench_script("independent_runs")
 
 
 RUN = """round 0 teacher_forcing: 1,000 tokens/s

@@ -1,21 +1,15 @@
 """bench/energy_objectives.py (Table 6.1 / Figure 6.1 of Goyal's thesis): the pure helpers that summarise seeds
 and size the runs (the runs themselves are the benchmark, not a test)."""
-import importlib.util
 import math
-import os
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from fairseq_ext.testing import cli
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = os.path.join(os.path.dirname(HERE), "bench", "energy_objectives.py")
-    spec = importlib.util.spec_from_file_location("energy_objectives", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cli.bench_script("energy_objectives")
 
 
 def test_summarize_and_cell(bench):

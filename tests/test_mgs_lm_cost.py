@@ -24,13 +24,7 @@ TEXT_COMPLETION = ["--task", "text_completion", "--completion-prefix-length", st
 MAX_LEN_RATIO = 1.3  # --mgs-max-len-ratio's default (the paper's)
 
 
-def logged(log, key):
-    out = []
-    for line in log.splitlines():
-        if "| train_inner |" in line:
-            fields = dict(re.findall(r"(\w+)=([^,\s]+)", line.split("| train_inner |", 1)[1]))
-            out.append((int(fields["num_updates"]), float(fields[key])))
-    return out
+logged = cli.train_inner_values
 
 
 def examples(lm_data_bin, dictionary):

@@ -100,13 +100,7 @@ COMMON = cli.TINY_TRANSFORMER + ["--task", "translation", "--dropout", "0", "--c
                                  "--ddp-backend", "legacy_ddp"]  # fmt: skip
 
 
-def logged(log, key):
-    out = []
-    for line in log.splitlines():
-        if "| train_inner |" in line:
-            fields = dict(re.findall(r"(\w+)=([^,\s]+)", line.split("| train_inner |", 1)[1]))
-            out.append((int(fields["num_updates"]), float(fields[key])))
-    return out
+logged = cli.train_inner_values
 
 
 def checkpoint(path):
@@ -157,13 +151,9 @@ def test_two_workers_equal_one_worker_on_the_same_global_batch(reverse_data_bin,
         "--max-tokens", "100000", "--curriculum", "100", "--required-batch-size-multiple", "1",
         "--optimizer", "sgd", "--lr", "0.5", "--max-update", "3", "--no-epoch-checkpoints",
     ]  # fmt: skip
-    single_dir, double_dir = str(tmp_path / "single"), str(tmp_path / "double")
-    single = cli.run_cli("fairseq-train", cli.train_args(reverse_data_bin, single_dir, flags + ["--batch-size", "8"]))
-    double = cli.train_distributed(reverse_data_bin, double_dir, flags + ["--batch-size", "4"], tmp_path)[0]
-    assert "training on 2 devices" in double, double[-3000:]
-    for key in ("loss", "pg_reward", "pg_baseline", "pg_cost_best", "pg_nonterm", "bsz"):
-        assert [u for u, _ in logged(double, key)] == [u for u, _ in logged(single, key)] == [1, 2, 3]
-        assert [v for _, v in logged(double, key)] == pytest.approx([v for _, v in logged(single, key)], abs=2e-4), key
+    single, double, single_dir, double_dir = cli.one_and_two_workers(reverse_data_bin, tmp_path, flags)
+    keys = ("loss", "pg_reward", "pg_baseline", "pg_cost_best", "pg_nonterm", "bsz")
+    cli.assert_same_logged(single, double, keys, updates=[1, 2, 3])
     assert [v for _, v in logged(single, "bsz")] == [8.0, 8.0, 8.0]
     rewards = [v for _, v in logged(single, "pg_reward")]
     assert len({round(v, 4) for v in rewards}) > 1 or rewards[0] != 0.0  # the rewards are not all trivial

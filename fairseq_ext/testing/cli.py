@@ -169,6 +169,49 @@ def sacrebleu_score(output: str) -> float:
     return sacrebleu.corpus_bleu([hyps.get(i, "") for i in ids], [[refs[i] for i in ids]], tokenize="none").score
 
 
+def bench_script(name: str):
+    """The module of ``bench/NAME.py`` of this repository (bench/ is not a package), for testing its helpers."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench",
+                        f"{name}.py")  # fmt: skip
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_inner_values(log: str, key: str) -> List[tuple]:
+    """(num_updates, value of ``key``) of every ``train_inner`` line of a fairseq-train log (--log-format simple)."""
+    out = []
+    for line in log.splitlines():
+        if "| train_inner |" in line:
+            fields = dict(re.findall(r"(\w+)=([^,\s]+)", line.split("| train_inner |", 1)[1]))
+            out.append((int(fields["num_updates"]), float(fields[key])))
+    return out
+
+
+def one_and_two_workers(data_bin: str, workdir, flags: Sequence[str], global_batch: int = 8):
+    """fairseq-train with ``flags`` on one worker (``--batch-size global_batch``) and on two gloo workers
+    (``--batch-size global_batch / 2`` each): the same global batch.  Returns (single log, double log, single
+    save dir, double save dir)."""
+    single_dir, double_dir = os.path.join(str(workdir), "single"), os.path.join(str(workdir), "double")
+    single = run_cli("fairseq-train", train_args(data_bin, single_dir, [*flags, "--batch-size", str(global_batch)]))
+    double = train_distributed(data_bin, double_dir, [*flags, "--batch-size", str(global_batch // 2)], str(workdir))[0]
+    assert "training on 2 devices" in double, double[-3000:]
+    return single, double, single_dir, double_dir
+
+
+def assert_same_logged(single: str, double: str, keys: Sequence[str], updates: Sequence[int], abs_tol: float = 2e-4):
+    """Every ``key`` logged at the same updates with the same values (within ``abs_tol``) in both logs."""
+    import pytest
+
+    for key in keys:
+        one, two = train_inner_values(single, key), train_inner_values(double, key)
+        assert [u for u, _ in two] == [u for u, _ in one] == list(updates), key
+        assert [v for _, v in two] == pytest.approx([v for _, v in one], abs=abs_tol), key
+
+
 def train_args(data_bin: str, save_dir: str, flags: Sequence[str]) -> List[str]:
     """fairseq-train arguments as in :func:`train`, but keeping the epoch checkpoints (checkpointN.pt)."""
     return [
