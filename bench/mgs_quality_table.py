@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 
 # Table 1 of the paper (GPT-2 117M, WikiText-103 test set): LM, Edit, Nonterm, Repetition, Avg. len., Perplexity
@@ -87,29 +86,6 @@ def prepare(args):
 
 
 # -- table ---------------------------------------------------------------------------------------------------
-def parse_generate(path):
-    """id -> (hypothesis tokens, terminated) from fairseq-generate output (H- text, P- one score per token)."""
-    hyps, scores = {}, {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            m = re.match(r"^([HP])-(\d+)\t(.*)$", line.rstrip("\n"))
-            if not m:
-                continue
-            kind, i, rest = m.group(1), int(m.group(2)), m.group(3)
-            if kind == "H":
-                text = rest.split("\t", 1)[1] if "\t" in rest else ""
-                hyps[i] = text.split()
-            else:
-                scores[i] = len(rest.split())
-    # the hypothesis holds EOS (one more positional score than printed tokens) iff it terminated
-    return {i: (toks, scores[i] == len(toks) + 1) for i, toks in hyps.items()}
-
-
-def repetition(tokens, n=4):
-    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-    return None if not grams else 1.0 - len(set(grams)) / len(grams)
-
-
 def mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else float("nan")
@@ -137,7 +113,8 @@ def table(args):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from fairseq.data import Dictionary
 
-    from fairseq_ext.modules.task_losses import LanguageModelScorer
+    from fairseq_ext.modules.completion_metrics import parse_generate
+    from fairseq_ext.modules.task_losses import LanguageModelScorer, ngram_repetition
 
     d = Dictionary.load(os.path.join(args.data_bin, "dict.txt"))
     scorer = LanguageModelScorer.from_checkpoint(args.scorer, d, flag="--scorer")
@@ -166,7 +143,7 @@ def table(args):
         ]
         return {
             "lm": mean(lm), "edit": mean(edit), "nonterm": mean([0.0 if x else 1.0 for x in done]),
-            "repetition": mean([repetition(t) for t in toks]), "length": mean([len(t) for t in toks]),
+            "repetition": mean([ngram_repetition(t) for t in toks]), "length": mean([len(t) for t in toks]),
         }  # fmt: skip
 
     for name, label in MODELS:

@@ -25,6 +25,11 @@
 # nonautoregressive_transformer, one parallel pass); see recipes/common/flowseq.sh.
 #   Env: FLOWSEQ_UPDATES, FLOWSEQ_INIT (30000), FLOWSEQ_KL_WARMUP (10000), NAT_UPDATES, NAR_MAX_LEN,
 #   DISTILL_BEAM (5), DISTILL_FORCE=1, FLOWSEQ_DECODES, FLOWSEQ_TAU (0.3), FLOWSEQ_GEN_BATCH_SIZE (32).
+# MGS / MRT block (only with --methods mgs,mrt; alias mgs_mrt): mgs (--criterion mgs, Welleck and Cho 2021) and
+# mrt (--criterion mrt), both warm-started from the baseline, task loss MGS_TASK_LOSS (bleu; edit, chrf, or lm
+# with the baseline as the frozen scorer); decoded and scored like the baseline; see recipes/common/mgs.sh.
+#   Env: MGS_TASK_LOSS, MRT_TASK_LOSS, MGS_CANDIDATES (4), MGS_ALPHA, MGS_NOISE, MRT_MLE_WEIGHT, MGS_LR (1e-4),
+#   MGS_EPOCHS (5), MGS_UPDATES.
 # Env: SEED (1), DEVICE=auto|cpu|gpu, FP16=1 (GPU only), SS_PROB, SS_PASSES, DSS_ALPHA (1),
 #      DSS_DECODING (parallel), DSS_PASSES (1), DSS_K (inverse sigmoid strength in updates, 3000);
 #      soft beam: LSTM_DIM (256), LSTM_EPOCHS (30), LSTM_WARMUP (1000 updates), SB_EPOCHS (10), SB_MAX_UPDATE, SB_BEAM (3), SB_LR (1e-4, constant),
@@ -163,5 +168,12 @@ NAT_BATCH=(--max-tokens 8192 --num-workers 2)
 NAT_LENGTH=(--max-epoch 0 --max-update "${NAT_UPDATES:-100000}")
 source "$(dirname "$0")/../common/flowseq.sh"
 flowseq_setup
+
+# -- MLE-guided parameter search and minimum risk training (--methods mgs,mrt, or mgs_mrt;
+#    recipes/common/mgs.sh): each fine-tunes the stage-1 baseline with its sequence-level criterion, task loss
+#    MGS_TASK_LOSS (bleu: 1 - sentence BLEU of the decoded pieces), Adam at a constant MGS_LR for MGS_EPOCHS
+MGS_TASK_LOSS=${MGS_TASK_LOSS:-bleu}
+source "$(dirname "$0")/../common/mgs.sh"
+mgs_setup
 
 run_stages
