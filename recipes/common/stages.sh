@@ -45,9 +45,10 @@ parse_run_args() {
   [ "$STAGE" -le "$STOP_STAGE" ] || die "--stage $STAGE is after --stop-stage $STOP_STAGE"
   DATA_DIR=${pos[0]}
   EXP_DIR=${pos[1]}
-  [ -s "$DATA_DIR/pair.env" ] || die "$DATA_DIR/pair.env not found: run this recipe's prepare.sh into $DATA_DIR first"
-  # shellcheck disable=SC1091
-  source "$DATA_DIR/pair.env"   # SRC, TGT
+  local data_env=${RUN_DATA_ENV:-pair.env}   # what prepare.sh wrote (pair.env: SRC, TGT; wikitext: lm.env)
+  [ -s "$DATA_DIR/$data_env" ] || die "$DATA_DIR/$data_env not found: run this recipe's prepare.sh into $DATA_DIR first"
+  # shellcheck disable=SC1090
+  source "$DATA_DIR/$data_env"
   mkdir -p "$EXP_DIR"
   DATA_DIR=$(cd "$DATA_DIR" && pwd)
   EXP_DIR=$(cd "$EXP_DIR" && pwd)

@@ -28,31 +28,13 @@
 set -euo pipefail
 source "$(dirname "$0")/../common/lib.sh"
 source "$(dirname "$0")/../common/mgs.sh"
+source "$(dirname "$0")/../common/stages.sh"
 
 STAGE=1
 STOP_STAGE=4
 SEED=${SEED:-1}
 ONLY_METHODS=
-POS=()
-while [ $# -gt 0 ]; do
-  case $1 in
-    --stage) STAGE=$2; shift 2 ;;
-    --stop-stage) STOP_STAGE=$2; shift 2 ;;
-    --smoke) SMOKE=1; shift ;;
-    --methods) ONLY_METHODS=$2; shift 2 ;;
-    -h|--help) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    -*) die "unknown option $1" ;;
-    *) POS+=("$1"); shift ;;
-  esac
-done
-[ ${#POS[@]} -eq 2 ] || die "usage: $0 DATA_DIR EXP_DIR [--stage N] [--stop-stage M] [--methods a,b] [--smoke]"
-[[ $STAGE =~ ^[1-4]$ && $STOP_STAGE =~ ^[1-4]$ ]] || die "--stage and --stop-stage take 1..4"
-[ "$STAGE" -le "$STOP_STAGE" ] || die "--stage $STAGE is after --stop-stage $STOP_STAGE"
-DATA_DIR=${POS[0]}
-EXP_DIR=${POS[1]}
-[ -s "$DATA_DIR/lm.env" ] || die "$DATA_DIR/lm.env not found: run recipes/wikitext/prepare.sh into $DATA_DIR first"
-# shellcheck disable=SC1091
-source "$DATA_DIR/lm.env"   # UNIT, PREFIX_LENGTH, MAX_TOKENS
+RUN_DATA_ENV=lm.env parse_run_args "$@"   # sources DATA_DIR/lm.env: UNIT, PREFIX_LENGTH, MAX_TOKENS
 METHODS=(mgs mrt)
 if [ -n "$ONLY_METHODS" ]; then
   IFS=, read -r -a METHODS <<< "$ONLY_METHODS"
