@@ -37,7 +37,12 @@ MODELS = [
     ("mgs_lm", "MGS-LM"),
     ("mrt", "MRT (edit)"),
     ("pg", "PG (edit)"),
+    ("mgs_lm_zero", "MGS-LM, q_zero only"),
+    ("mgs_lm_mle", "MGS-LM, q_MLE only"),
 ]
+# Table 7 of the paper (WikiText-103 validation set): the proposal ablation of MGS-LM, (Cost, Nonterm, PPL)
+PAPER_TABLE_7 = {"q_MGS": (59.2, 0.013, 22.1), "q_zero": (143.0, 0.348, 20.9), "q_MLE": (141.6, 0.351, 20.9)}
+TABLE_7_RUNS = [("mgs_lm", "q_MGS"), ("mgs_lm_zero", "q_zero"), ("mgs_lm_mle", "q_MLE")]
 
 
 # -- prepare -------------------------------------------------------------------------------------------------
@@ -146,6 +151,7 @@ def table(args):
             "repetition": mean([ngram_repetition(t) for t in toks]), "length": mean([len(t) for t in toks]),
         }  # fmt: skip
 
+    by_name = {}
     for name, label in MODELS:
         gen = os.path.join(args.run_dir, "eval", f"{name}.generate.txt")
         if not os.path.exists(gen):
@@ -153,6 +159,7 @@ def table(args):
         row = metrics_of(label, parse_generate(gen))
         row["ppl"] = perplexity(os.path.join(args.run_dir, name, "checkpoint_last.pt"), d, prefixes, refs)
         rows.append((label, row))
+        by_name[name] = row
     human = {i: (line[k:], True) for i, line in enumerate(lines)}
     h = metrics_of("Human", human)
     h["edit"] = h["lm"] = None  # the references themselves: 0 by definition / not the paper's column
@@ -173,6 +180,7 @@ def table(args):
         lm, edit, nonterm, rep, length, ppl = vals
         out.append(f"| {label} | {fmt(lm, 1)} | {fmt(edit, 3)} | {fmt(nonterm, 3)} | {fmt(rep, 3)} | "
                    f"{fmt(length, 1)} | {fmt(ppl, 2)} |")  # fmt: skip
+    out += table_7(by_name, fmt)
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:
@@ -180,6 +188,19 @@ def table(args):
             f.write(text)
         with open(args.out + ".json", "w") as f:
             json.dump({label: r for label, r in rows}, f, indent=1)
+
+
+def table_7(by_name, fmt):
+    """The proposal ablation (the paper's Table 7: Cost = the LM column, Nonterm, PPL), when all three ran."""
+    if not all(name in by_name for name, _ in TABLE_7_RUNS):
+        return []
+    out = ["", "Proposal ablation of MGS-LM (the paper's Table 7; here on the same test prefixes as above):", "",
+           "| proposal | Cost (LM) | Nonterm | PPL | paper: Cost | Nonterm | PPL |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, label in TABLE_7_RUNS:
+        r, (p_cost, p_nonterm, p_ppl) = by_name[name], PAPER_TABLE_7[label]
+        out.append(f"| {label} | {fmt(r['lm'], 1)} | {fmt(r['nonterm'], 3)} | {fmt(r['ppl'], 2)} | "
+                   f"{p_cost:.1f} | {p_nonterm:.3f} | {p_ppl:.1f} |")  # fmt: skip
+    return out
 
 
 def main():

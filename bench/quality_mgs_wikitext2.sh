@@ -27,8 +27,8 @@
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
+source "$REPO_DIR/recipes/common/lib.sh"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} PYTHONWARNINGS=ignore
-PY=${PYTHON:-python3}
 
 SMOKE=0
 if [ "${1:-}" = --smoke ]; then SMOKE=1; shift; fi
@@ -52,7 +52,6 @@ MAX_TOKENS=64   # longest sentence kept, EOS included = the model's positions
 RUN_DIR=${2:-${DEFAULT_RUN:-$REPO_DIR/bench/runs/quality_mgs_wikitext2}}
 mkdir -p "$RUN_DIR" && RUN_DIR=$(cd "$RUN_DIR" && pwd)
 TIMING=$RUN_DIR/timing.txt
-USER_DIR=$REPO_DIR/fairseq_ext
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
 # timed LABEL CMD...: runs CMD, appending "LABEL user_s system_s wall_s" to $TIMING
@@ -70,7 +69,7 @@ MLE_FLAGS=(--task language_modeling --sample-break-mode eos --criterion cross_en
 TC=(--task text_completion --completion-prefix-length $K)
 # fine-tuning: the same optimizer and data for every method; fresh optimizer, data loader and meters
 FT_FLAGS=("${TC[@]}" --optimizer adam --adam-betas '(0.9,0.98)' --lr "$FT_LR" --clip-norm 1.0
-          --max-tokens 1024 --max-update "$FT_UPDATES" --log-interval 10 --disable-validation
+          --max-tokens 1024 --max-update "$FT_UPDATES" --log-interval 2 --disable-validation
           --reset-optimizer --reset-dataloader --reset-meters --reset-lr-scheduler)
 # per method (sequence-level criteria: dropout off in their decodes; the paper's K = 4 candidates)
 declare -A METHOD
@@ -79,9 +78,12 @@ METHOD[mle_cont]="--criterion cross_entropy"
 # paper's alpha for its MGS-LM runs)
 METHOD[mgs_edit]="--criterion mgs --mgs-task-loss edit --mgs-num-candidates 4 --mgs-alpha 100 --mgs-noise 1.0"
 METHOD[mgs_lm]="--criterion mgs --mgs-task-loss lm --mgs-num-candidates 4 --mgs-alpha 1 --mgs-noise 1.0"
+# the proposal ablation of Table 7 (and Figure 1): MGS-LM with only one component of q_MGS
+METHOD[mgs_lm_zero]="${METHOD[mgs_lm]} --mgs-zero-only"
+METHOD[mgs_lm_mle]="${METHOD[mgs_lm]} --mgs-mle-only"
 METHOD[mrt]="--criterion mrt --mrt-task-loss edit --mrt-candidates beam --mrt-num-candidates 4 --mrt-mle-weight 0.1"
 METHOD[pg]="--criterion policy_gradient --pg-task-loss edit --pg-num-samples 4 --pg-mle-weight 0.1"
-FT_ORDER=(mle_cont mgs_edit mgs_lm mrt pg)
+FT_ORDER=(mle_cont mgs_edit mgs_lm mrt pg mgs_lm_zero mgs_lm_mle)
 
 log "run dir $RUN_DIR: train ${TRAIN_LINES/#0/all} sentences, valid $VALID_LINES, test $TEST_LINES; vocab $VOCAB;" \
   "MLE $MLE_UPDATES updates, fine-tuning $FT_UPDATES updates (lr $FT_LR)"
@@ -118,7 +120,7 @@ for name in "${FT_ORDER[@]}"; do
   log "3. $name: $FT_UPDATES updates from the MLE model"
   mkdir -p "$save"
   extra=()
-  [ "$name" = mgs_lm ] && extra=(--mgs-lm-scorer-path "$MLE")
+  case $name in mgs_lm*) extra=(--mgs-lm-scorer-path "$MLE") ;; esac
   # shellcheck disable=SC2086
   timed "train $name" fairseq-train "$BIN" --save-dir "$save" "${COMMON[@]}" "${MODEL[@]}" "${FT_FLAGS[@]}" \
     ${METHOD[$name]} "${extra[@]}" --restore-file "$MLE" > "$save/train.log.partial" 2>&1
@@ -144,6 +146,17 @@ done
 log "5. table"
 "$PY" "$BENCH_DIR/mgs_quality_table.py" table --run-dir "$RUN_DIR" --data-bin "$BIN" \
   --test-text "$RUN_DIR/text/test.txt" --scorer "$MLE" --prefix-length $K --out "$RUN_DIR/table.md"
+# Figure 1 (training task loss per proposal) and the weight statistics (Figures 2, 3)
+if have_plot_extra; then
+  runs=()
+  for name in mgs_lm mgs_lm_zero mgs_lm_mle mgs_edit; do
+    [ -s "$RUN_DIR/$name/train.log" ] && runs+=("$name=$RUN_DIR/$name/train.log")
+  done
+  "$PY" "$BENCH_DIR/mgs_plots.py" --out "$RUN_DIR/fig1_training.png" --keys mgs_cost,mgs_weight_std,mgs_mle_weight \
+    --title "MGS on WikiText-2: training curves (mgs_lm*: LM cost in nats; mgs_edit: edit cost)" "${runs[@]}"
+else
+  log "no matplotlib: no figure (pip install .[plot])"
+fi
 awk '{u += $(NF-2); s += $(NF-1)} END {printf "CPU time of the fairseq commands: %.0f s user + %.0f s system\n", u, s}' \
   "$TIMING"
 log "done"

@@ -159,16 +159,11 @@ main() {
   "$PY" "$BENCH_DIR/mh_quality_table.py" table --exp "$run_dir/exp" --subset "$run_dir/raw/SUBSET" \
     --time "$run_dir/time.txt" --md "$md" --log "$out_log"
   log "table: $md"
-  # the figures: matplotlib is an optional extra of the package (setup.py's `plot`); the benchmark
-  # installs it when missing (PLOT_INSTALL=0: never), keeping requirements/constraints.txt's pins
+  # the figures (matplotlib: installed when missing unless PLOT_INSTALL=0, lib.sh's have_plot_extra)
   if ! ls "$run_dir"/exp/cmlm_*/test.*.stats.jsonl > /dev/null 2>&1; then
     log "no chain statistics (no sampler decoding): no figures"; return
   fi
-  if ! "$PY" -c 'import matplotlib' 2> /dev/null && [ "${PLOT_INSTALL:-1}" = 1 ]; then
-    log "installing matplotlib (the package's [plot] extra)"
-    "$PY" -m pip install --quiet matplotlib -c "$REPO_DIR/requirements/constraints.txt" || log "could not install matplotlib"
-  fi
-  if "$PY" -c 'import matplotlib' 2> /dev/null; then
+  if have_plot_extra; then
     local model
     for model in "$run_dir"/exp/cmlm_*/; do
       model=$(basename "$model")

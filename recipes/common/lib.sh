@@ -10,6 +10,16 @@ HELPERS=$RECIPES_DIR/common
 
 die() { echo "ERROR: $*" >&2; exit 1; }
 
+# True when matplotlib imports.  It is an optional extra of the package (setup.py's `plot`), needed only
+# for figures: when missing it is installed within requirements/constraints.txt's pins, unless PLOT_INSTALL=0.
+have_plot_extra() {
+  "$PY" -c 'import matplotlib' 2> /dev/null && return 0
+  [ "${PLOT_INSTALL:-1}" = 1 ] || return 1
+  echo "installing matplotlib (the package's [plot] extra)" >&2
+  "$PY" -m pip install --quiet matplotlib -c "$REPO_DIR/requirements/constraints.txt" || return 1
+  "$PY" -c 'import matplotlib' 2> /dev/null
+}
+
 FORCE=0
 SMOKE=${SMOKE:-0}
 # prints the calling script's "# Usage:" header line
