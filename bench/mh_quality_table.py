@@ -7,6 +7,8 @@ table:       per CMLM model, one row per decoding: sacreBLEU (EXP/results.txt), 
              E_local, acceptance and novel-transition rates of the sample epochs (the decoding's
              stats file, recipes/common/nar_tools.py), the decoding's CPU time (EXP/timing.txt), and
              the thesis's numbers for the same row (Tables 6.2, 6.4, 6.5, 6.6; WMT'14 De-En) -> --md, --log.
+bootstrap:   paired bootstrap of corpus-BLEU differences between decodings of one model (the test subset is
+             small: 30 sentences by default), A - B with a 95% interval and the share of resamples <= 0.
 """
 import argparse
 import glob
@@ -180,6 +182,38 @@ def table(args):
     sys.stdout.write(text)
 
 
+def paired_bootstrap(hyps_a, hyps_b, refs, resamples=1000, seed=1):
+    """(BLEU(a) - BLEU(b), 2.5% and 97.5% quantiles over resampled test sets, share of resamples <= 0)."""
+    import random
+
+    import sacrebleu
+
+    def bleu(hyps, idx):
+        return sacrebleu.corpus_bleu([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
+
+    rng, n = random.Random(seed), len(refs)
+    diffs = sorted(bleu(hyps_a, s) - bleu(hyps_b, s) for s in ([rng.randrange(n) for _ in range(n)] for _ in range(resamples)))
+    full = bleu(hyps_a, range(n)) - bleu(hyps_b, range(n))
+    return full, diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1], sum(d <= 0 for d in diffs) / resamples
+
+
+def read_lines(path):
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f]
+
+
+def bootstrap(args):
+    refs = read_lines(args.ref)
+    for pair in args.pairs:
+        a, _, b = pair.partition(":")
+        hyps = [read_lines(os.path.join(args.exp, args.model, f"test.{name}.hyp")) for name in (a, b)]
+        if any(len(h) != len(refs) for h in hyps):
+            sys.exit(f"ERROR: {pair}: hypothesis counts {[len(h) for h in hyps]} against {len(refs)} references")
+        full, low, high, share = paired_bootstrap(*hyps, refs, args.resamples, args.seed)
+        print(f"{a} - {b}: {full:+.2f} BLEU, 95% [{low:+.2f}, {high:+.2f}], share <= 0: {share:.3f}"
+              f" ({args.resamples} paired resamples of {len(refs)} sentences, seed {args.seed})")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -199,6 +233,14 @@ def main(argv=None):
     t.add_argument("--md")
     t.add_argument("--log")
     t.set_defaults(fn=table)
+    b = sub.add_parser("bootstrap", help="paired bootstrap of BLEU differences between decodings")
+    b.add_argument("--exp", required=True, help="the run's EXP_DIR")
+    b.add_argument("--model", default="cmlm_raw")
+    b.add_argument("--ref", required=True, help="the raw test references (DATA/raw/test.de)")
+    b.add_argument("--resamples", type=int, default=1000)
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("pairs", nargs="+", metavar="A:B", help="decoding names, e.g. mh_raw:gibbs")
+    b.set_defaults(fn=bootstrap)
     args = p.parse_args(argv)
     args.fn(args)
 

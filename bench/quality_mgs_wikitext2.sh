@@ -146,14 +146,14 @@ done
 log "5. table"
 "$PY" "$BENCH_DIR/mgs_quality_table.py" table --run-dir "$RUN_DIR" --data-bin "$BIN" \
   --test-text "$RUN_DIR/text/test.txt" --scorer "$MLE" --prefix-length $K --out "$RUN_DIR/table.md"
-# Figure 1 (training task loss per proposal) and the weight statistics (Figures 2, 3)
+# Figure 1 (training task loss per proposal) and the weight statistics (Figures 2, 3) of MGS-LM
 if have_plot_extra; then
   runs=()
-  for name in mgs_lm mgs_lm_zero mgs_lm_mle mgs_edit; do
+  for name in mgs_lm mgs_lm_zero mgs_lm_mle; do
     [ -s "$RUN_DIR/$name/train.log" ] && runs+=("$name=$RUN_DIR/$name/train.log")
   done
   "$PY" "$BENCH_DIR/mgs_plots.py" --out "$RUN_DIR/fig1_training.png" --keys mgs_cost,mgs_weight_std,mgs_mle_weight \
-    --title "MGS on WikiText-2: training curves (mgs_lm*: LM cost in nats; mgs_edit: edit cost)" "${runs[@]}"
+    --title "MGS-LM on WikiText-2 by proposal (Figure 1, Table 7): q_MGS (mgs_lm), q_zero only, q_MLE only; cost in nats" "${runs[@]}"
 else
   log "no matplotlib: no figure (pip install .[plot])"
 fi

@@ -187,3 +187,14 @@ def test_table_script_subset_and_rows(tmp_path):
     assert "| `mh_local` | MH, E_local | 12.50 | 15.50 | 0.600 | 0.125 | 32 | 6.2 (20): BLEU 24.74" in text
     assert "2 chains per sentence x (1 burn-in + 2 sample epochs after the warm start)" in text
     assert "Training CPU time (user + system s): cmlm_raw 105." in text
+
+
+def test_paired_bootstrap_of_bleu_differences():
+    table = load_bench("mh_quality_table")
+    refs = ["ein Mann fährt Fahrrad .", "zwei Hunde spielen im Schnee .", "eine Frau liest ein Buch ."] * 4
+    worse = ["ein Mann .", "zwei Katzen spielen .", "eine Frau ."] * 4
+    full, low, high, share = table.paired_bootstrap(refs, refs, refs, resamples=200)
+    assert (full, low, high, share) == (0.0, 0.0, 0.0, 1.0)
+    full, low, high, share = table.paired_bootstrap(refs, worse, refs, resamples=200)
+    assert full > 0 and 0 < low <= full <= high and share == 0.0
+    assert table.paired_bootstrap(refs, worse, refs, resamples=200) == (full, low, high, share)  # seeded
