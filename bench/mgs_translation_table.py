@@ -3,7 +3,7 @@
 
 Columns (test_2016_flickr, every sentence): BLEU = corpus sacreBLEU (13a, cased) of the beam-5 decodes; SBLEU =
 mean sentence BLEU (sacreBLEU 13a, exp smoothing, effective order: the ``bleu`` task loss's metric, x 100) of the
-greedy decodes; EDIT = mean token edit distance / reference length x 100 of the greedy decodes, on the
+greedy decodes; length ratio = hypothesis / reference words (sacreBLEU's, greedy); EDIT = mean token edit distance / reference length x 100 of the greedy decodes, on the
 sentencepiece pieces with EOS appended to both sides (the ``edit`` task loss, re-encoded from the detokenised
 hypotheses with the data's sentencepiece model); chrF (greedy, corpus).  The paper computes SBLEU, METEOR and EDIT
 with greedy decoding "to match the training conditions" and BLEU with beam 5.  METEOR is left out: sacreBLEU has
@@ -33,6 +33,7 @@ LABELS = {
     "mle_cont": "MLE, continued",
     "mgs_sbleu": "MGS-SBLEU",
     "mgs_edit": "MGS-EDIT",
+    "mgs_sbleu_noise01": "MGS-SBLEU, noise 0.1",
     "mrt": "MRT (SBLEU cost, beam candidates)",
 }
 # the paper's Table 4, IWSLT'14 de-en test: BLEU, SBLEU, METEOR, EDIT
@@ -78,21 +79,24 @@ def scores(run_dir, refs, spm_model):
     for name, hyps in (("beam5", beam), ("greedy", greedy)):
         if len(hyps) != len(refs):
             sys.exit(f"ERROR: {run_dir}/test.{name}.hyp has {len(hyps)} lines for {len(refs)} references")
+    greedy_bleu = BLEU().corpus_score(greedy, [refs])
     return {
         "bleu": BLEU().corpus_score(beam, [refs]).score,
         "sbleu": sentence_bleu_mean(greedy, refs),
         "edit": edit_mean(greedy, refs, spm_model),
         "chrf": CHRF().corpus_score(greedy, [refs]).score,
-        "greedy_bleu": BLEU().corpus_score(greedy, [refs]).score,
+        "greedy_bleu": greedy_bleu.score,
+        "length_ratio": greedy_bleu.sys_len / greedy_bleu.ref_len,
     }
 
 
 def table(rows, n_sentences):
     out = [f"Test: test_2016_flickr, {n_sentences} sentences, every one with a hypothesis.", "",
-           "| model | BLEU (beam 5) | SBLEU | EDIT | chrF | BLEU (greedy) |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+           "| model | BLEU (beam 5) | SBLEU | EDIT | chrF | BLEU (greedy) | length ratio (greedy) |",
+           "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for label, r in rows:
         out.append(f"| {label} | {r['bleu']:.2f} | {r['sbleu']:.2f} | {r['edit']:.2f} | {r['chrf']:.2f} | "
-                   f"{r['greedy_bleu']:.2f} |")  # fmt: skip
+                   f"{r['greedy_bleu']:.2f} | {r['length_ratio']:.3f} |")  # fmt: skip
     out += ["", "The paper's Table 4 (IWSLT'14 de-en test; SBLEU, METEOR and EDIT with greedy decoding):", "",
             "| model | BLEU | SBLEU | METEOR | EDIT |", "|---|---:|---:|---:|---:|"]  # fmt: skip
     for label, (bleu, sbleu, meteor, edit) in PAPER_TABLE_4_TEST.items():

@@ -19,7 +19,7 @@
 #   bench/runs/quality_mgs_multi30k (git-ignored).  --base-only: steps 1-2 and the base's evaluation.
 # Env: BASE_DIR (bench/runs/multi30k_mle_base), BASE_EPOCHS (10), FT_UPDATES (100), FT_MAX_TOKENS (2048),
 #   FT_LR (the base's final learning rate), MGS_ALPHA (100, the paper's for MT fine-tuning), MGS_NOISE (1.0),
-#   FT_METHODS ("mle_cont mgs_sbleu mgs_edit mrt"), PARALLEL (2 fine-tunes at once), SEED (1).
+#   FT_METHODS ("mle_cont mgs_sbleu mgs_edit mrt"; also mgs_sbleu_noise01: MGS_NOISE 0.1), PARALLEL (2 fine-tunes at once), SEED (1).
 # Re-running skips finished steps (a training whose log says "done training", a decoding whose hypotheses
 # exist).
 set -euo pipefail
@@ -58,6 +58,8 @@ declare -A METHOD
 METHOD[mle_cont]="--criterion label_smoothed_cross_entropy --label-smoothing 0.1"
 METHOD[mgs_sbleu]="--criterion mgs --mgs-task-loss bleu --mgs-num-candidates 4 --mgs-alpha $MGS_ALPHA --mgs-noise $MGS_NOISE --mgs-post-process sentencepiece --mgs-sacrebleu-tokenize 13a"
 METHOD[mgs_edit]="--criterion mgs --mgs-task-loss edit --mgs-num-candidates 4 --mgs-alpha $MGS_ALPHA --mgs-noise $MGS_NOISE --mgs-post-process sentencepiece --mgs-sacrebleu-tokenize 13a"
+# the paper's noise grid is {0.01, 0.1, 1.0}: a smaller noise level for SBLEU (FT_METHODS="... mgs_sbleu_noise01")
+METHOD[mgs_sbleu_noise01]="--criterion mgs --mgs-task-loss bleu --mgs-num-candidates 4 --mgs-alpha $MGS_ALPHA --mgs-noise 0.1 --mgs-post-process sentencepiece --mgs-sacrebleu-tokenize 13a"
 METHOD[mrt]="--criterion mrt --mrt-task-loss bleu --mrt-candidates beam --mrt-num-candidates 4 --mrt-mle-weight 0.1 --mrt-post-process sentencepiece --mrt-sacrebleu-tokenize 13a"
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
