@@ -20,8 +20,10 @@
 # Env: BASE_DIR (bench/runs/multi30k_mle_base), BASE_EPOCHS (10), FT_UPDATES (100), FT_MAX_TOKENS (2048),
 #   FT_LR (the base's final learning rate), MGS_ALPHA (100, the paper's for MT fine-tuning), MGS_NOISE (1.0),
 #   FT_METHODS ("mle_cont mgs_sbleu mgs_edit mrt"; also mgs_sbleu_noise01: MGS_NOISE 0.1), PARALLEL (2 fine-tunes at once), SEED (1).
-# Re-running skips finished steps (a training whose log says "done training", a decoding whose hypotheses
-# exist).
+# Re-running skips finished steps (a base trained for at least BASE_EPOCHS epochs: BASE_DIR/epochs_trained; a
+# larger BASE_EPOCHS resumes its training and redoes its decodings; a fine-tune whose log says "done training";
+# a decoding whose hypotheses exist).  Logs are appended to, never replaced; a fine-tune of an older base is
+# refused (use another RUN_DIR).
 set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 REPO_DIR=$(cd "$BENCH_DIR/.." && pwd)
@@ -63,13 +65,13 @@ METHOD[mgs_sbleu_noise01]="--criterion mgs --mgs-task-loss bleu --mgs-num-candid
 METHOD[mrt]="--criterion mrt --mrt-task-loss bleu --mrt-candidates beam --mrt-num-candidates 4 --mrt-mle-weight 0.1 --mrt-post-process sentencepiece --mrt-sacrebleu-tokenize 13a"
 
 log() { echo "[$(date +%H:%M:%S)] $*"; }
-# timed LOG CMD...: runs CMD into LOG (its shell-quoted text in LOG's .cmd), appending
+# timed LOG CMD...: runs CMD, appending its output to LOG and its shell-quoted text to LOG's .cmd, and
 # "<dir name> user_s system_s wall_s" of CMD to the run's timing.txt
 timed() {
   local logfile=$1; shift
-  printf '%q ' "$@" > "${logfile%.log}.cmd"; echo >> "${logfile%.log}.cmd"
+  { printf '%q ' "$@"; echo; } >> "${logfile%.log}.cmd"
   /usr/bin/time -f "$(basename "$(dirname "$logfile")")/$(basename "$logfile" .log) %U %S %e" -a -o "$TIMING" \
-    "$@" > "$logfile" 2>&1 || { tail -30 "$logfile" >&2; die "failed: $* (log: $logfile)"; }
+    "$@" >> "$logfile" 2>&1 || { tail -30 "$logfile" >&2; die "failed: $* (log: $logfile)"; }
 }
 
 # decode DIR CKPT: DIR/test.{greedy,beam5}.hyp, every test sentence accounted for
@@ -79,6 +81,7 @@ decode() {
   for decoding in greedy beam5; do
     [ -s "$dir/test.$decoding.hyp" ] && continue
     beam=1; [ $decoding = beam5 ] && beam=5
+    rm -f "$dir/generate_$decoding.log"  # a fresh decoding: an interrupted one's lines would count twice
     timed "$dir/generate_$decoding.log" fairseq-generate "$DATA/bin" --path "$ckpt" --beam $beam "${GEN[@]}"
     "$PY" "$HELPERS/tools.py" hyps --expected "$n" "$dir/generate_$decoding.log" "$dir/test.$decoding.hyp.partial"
     mv "$dir/test.$decoding.hyp.partial" "$dir/test.$decoding.hyp"
@@ -87,8 +90,12 @@ decode() {
 
 # fine_tune NAME: FT_UPDATES updates from the base with METHOD[NAME], then its decodings
 fine_tune() {
-  local name=$1 dir=$RUN_DIR/$1
+  local name=$1 dir=$RUN_DIR/$1 base_epochs
+  base_epochs=$(cat "$BASE_DIR/epochs_trained")
   mkdir -p "$dir"
+  if [ -s "$dir/base_epochs" ] && [ "$(cat "$dir/base_epochs")" != "$base_epochs" ]; then
+    die "$dir was fine-tuned from the base at $(cat "$dir/base_epochs") epochs, the base now has $base_epochs: give another RUN_DIR"
+  fi
   if ! grep -q "done training" "$dir/train.log" 2>/dev/null; then
     log "fine-tune $name: $FT_UPDATES updates at lr $FT_LR"
     # shellcheck disable=SC2206
@@ -100,6 +107,7 @@ fine_tune() {
       --lr-scheduler fixed --max-update "$FT_UPDATES" --disable-validation
     grep -q "Loaded checkpoint $BASE_DIR/checkpoint_last.pt" "$dir/train.log" \
       || die "$name did not start from $BASE_DIR/checkpoint_last.pt"
+    echo "$base_epochs" > "$dir/base_epochs"
   fi
   decode "$dir" "$dir/checkpoint_last.pt"
   log "$name decoded"
@@ -126,14 +134,15 @@ main() {
     log "1. prepare: recipes/multi30k/prepare.sh $src $DATA"
     bash "$REPO_DIR/recipes/multi30k/prepare.sh" "$src" "$DATA" > "$BASE_DIR/prepare.log" 2>&1
   fi
-  if ! grep -q "done training" "$BASE_DIR/train.log" 2>/dev/null; then
-    log "2. MLE base: $BASE_EPOCHS epochs"
-    TIMING=$BASE_DIR/timing.txt
+  TIMING=$BASE_DIR/timing.txt
+  if [ "$(cat "$BASE_DIR/epochs_trained" 2> /dev/null || echo 0)" -lt "$BASE_EPOCHS" ]; then
+    log "2. MLE base: $BASE_EPOCHS epochs (resumes BASE_DIR/checkpoint_last.pt when there is one)"
     timed "$BASE_DIR/train.log" fairseq-train "$DATA/bin" --save-dir "$BASE_DIR" "${MODEL[@]}" "${REG[@]}" \
       "${COMMON[@]}" "${BASE_OPT[@]}" --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
       --max-tokens 4096 --log-interval 50 --max-epoch "$BASE_EPOCHS"
+    echo "$BASE_EPOCHS" > "$BASE_DIR/epochs_trained"
+    rm -f "$BASE_DIR"/test.*.hyp  # the decodings of the shorter-trained base
   fi
-  TIMING=$BASE_DIR/timing.txt
   decode "$BASE_DIR" "$BASE_DIR/checkpoint_last.pt"
   [ "$base_only" = 1 ] && { log "base decoded: $BASE_DIR/test.{greedy,beam5}.hyp"; return; }
 
