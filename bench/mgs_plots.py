@@ -11,8 +11,10 @@ matplotlib is imported only to draw (an optional extra of the package: pip insta
 """
 import argparse
 import os
-import re
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fairseq_ext from this checkout
+from fairseq_ext.testing.cli import train_inner_values  # noqa: E402
 
 # key -> panel title
 KEY_TITLES = {
@@ -28,16 +30,9 @@ KEY_TITLES = {
 
 
 def train_inner_series(log_path, key):
-    """(num_updates, value) of every ``train_inner`` line of a fairseq-train log that reports ``key``."""
-    out = []
+    """(num_updates, value) of every ``train_inner`` line of a fairseq-train log file that reports ``key``."""
     with open(log_path, encoding="utf-8") as f:
-        for line in f:
-            if "| train_inner |" not in line:
-                continue
-            fields = dict(re.findall(r"(\w+)=([^,\s]+)", line.split("| train_inner |", 1)[1]))
-            if key in fields:
-                out.append((int(fields["num_updates"]), float(fields[key])))
-    return out
+        return train_inner_values(f.read(), key)
 
 
 def plot(runs, keys, out, title=""):

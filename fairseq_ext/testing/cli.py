@@ -182,12 +182,14 @@ def bench_script(name: str):
 
 
 def train_inner_values(log: str, key: str) -> List[tuple]:
-    """(num_updates, value of ``key``) of every ``train_inner`` line of a fairseq-train log (--log-format simple)."""
+    """(num_updates, value of ``key``) of every ``train_inner`` line of a fairseq-train log (--log-format simple)
+    that reports ``key``."""
     out = []
     for line in log.splitlines():
         if "| train_inner |" in line:
             fields = dict(re.findall(r"(\w+)=([^,\s]+)", line.split("| train_inner |", 1)[1]))
-            out.append((int(fields["num_updates"]), float(fields[key])))
+            if key in fields:
+                out.append((int(fields["num_updates"]), float(fields[key])))
     return out
 
 
